@@ -1,0 +1,33 @@
+# The only commands a newcomer needs. `make test` and `make demo` install first if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(PY) -m advtrain.demo
+
+bench: install
+	$(PY) bench/step_cost.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

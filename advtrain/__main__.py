@@ -1,0 +1,3 @@
+from advtrain.cli import main
+
+main()

@@ -1,0 +1,17 @@
+"""Adversarial example generators: pure functions on tensors, on the model's device.
+
+Every budget, step and clamp is in the input's natural range ([0, 1] images, [-1, 1] audio).
+"""
+
+from .budget import format_budget, parse_budget
+from .core import bernoulli_start, project, projected_gradient, random_start
+from .losses import cross_entropy, kl_from, margin, misclassified
+from .mode import attack_mode
+from .registry import ATTACKS, AttackSetting, check_attack_name
+from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd
+
+__all__ = [
+    "ATTACKS", "AttackSetting", "attack_mode", "bernoulli_start", "bim", "bim_steps", "check_attack_name",
+    "cross_entropy", "fgsm", "fgsm_rs", "format_budget", "kl_from", "margin", "mim", "misclassified",
+    "parse_budget", "pgd", "project", "projected_gradient", "random_start",
+]

@@ -1,0 +1,24 @@
+"""The model's mode while adversarial examples are generated."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Run the body with every submodule in eval mode; restore each one's own mode afterwards.
+
+    Attacks are generated with BatchNorm using its running statistics (no update from adversarial
+    batches in the middle of a step) and dropout off. ``model.train()`` afterwards would be wrong for
+    a model whose submodules had mixed modes (a frozen BatchNorm, say), so each flag is restored.
+    """
+    saved = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training

@@ -1,0 +1,136 @@
+"""Attacks by name, and one attack setting (attack x budget x steps x restarts) as data.
+
+``AttackSetting`` is what configs write; it checks itself when built, so a typo or an impossible
+budget fails when the config is read, not hours into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from .budget import check_steps, format_budget, parse_budget
+from .core import NORMS
+from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd
+
+# name -> (function, takes steps, has a random start)
+ATTACKS = {
+    "fgsm": (fgsm, False, False),
+    "fgsm_rs": (fgsm_rs, False, True),
+    "bim": (bim, True, False),
+    "pgd": (pgd, True, True),
+    "mim": (mim, True, False),
+}
+
+
+def check_attack_name(name: str) -> str:
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(ATTACKS))}")
+    return name
+
+
+@dataclass
+class AttackSetting:
+    """One attack configuration.
+
+    Args:
+        attack: one of ``fgsm``, ``fgsm_rs``, ``bim``, ``pgd``, ``mim``.
+        eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into
+            one setting per budget (:meth:`expand`).
+        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10).
+        step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255).
+        restarts: random restarts, keeping each example's worst case (needs a random start).
+        norm: ``linf`` or ``l2`` (l2 for pgd only).
+    """
+
+    attack: str = "pgd"
+    eps: float | str | list[float | str] = "8/255"
+    steps: int | None = None
+    step: float | str | None = None
+    restarts: int = 1
+    norm: str = "linf"
+    _eps_list: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self):
+        check_attack_name(self.attack)
+        budgets = self.eps if isinstance(self.eps, (list, tuple)) else [self.eps]
+        if not budgets:
+            raise ValueError(f"{self.attack}: eps is an empty list")
+        self._eps_list = [parse_budget(e, f"{self.attack} eps") for e in budgets]
+        if self.step is not None:
+            self.step = parse_budget(self.step, f"{self.attack} step")
+        _, takes_steps, random = ATTACKS[self.attack]
+        if self.steps is not None:
+            check_steps(self.steps, f"{self.attack} steps")
+            if not takes_steps and self.steps != 1:
+                raise ValueError(f"{self.attack} is single-step (steps must be 1 or unset); use bim or "
+                                 "pgd for more steps")
+        check_steps(self.restarts, f"{self.attack} restarts")
+        if self.restarts > 1 and not random:
+            raise ValueError(f"{self.attack} has no random start, so restarts={self.restarts} would "
+                             "repeat the same attack; use pgd for restarts")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.norm != "linf" and self.attack != "pgd":
+            raise ValueError(f"norm {self.norm!r} is supported by pgd only, not {self.attack}")
+
+    def expand(self) -> list[AttackSetting]:
+        """One setting per budget."""
+        return [replace(self, eps=e) for e in self._eps_list]
+
+    @property
+    def budget(self) -> float:
+        if len(self._eps_list) != 1:
+            raise ValueError("this setting has several budgets; call expand() first")
+        return self._eps_list[0]
+
+    @property
+    def resolved_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.attack == "bim":
+            return bim_steps(self.budget)
+        return 10 if ATTACKS[self.attack][1] else 1
+
+    @property
+    def resolved_step(self) -> float:
+        if self.step is not None:
+            return float(self.step)
+        eps, steps = self.budget, self.resolved_steps
+        return {"fgsm": eps, "fgsm_rs": 1.25 * eps, "bim": 1 / 255, "pgd": 2.5 * eps / steps,
+                "mim": eps / steps}[self.attack]
+
+    @property
+    def name(self) -> str:
+        """A short label such as ``pgd-20x5 linf eps=8/255``."""
+        label = self.attack
+        if ATTACKS[self.attack][1]:
+            label += f"-{self.resolved_steps}"
+        if self.restarts > 1:
+            label += f"x{self.restarts}"
+        if self.norm != "linf":
+            label += f" {self.norm}"
+        return f"{label} eps={format_budget(self.budget)}"
+
+    def as_dict(self) -> dict:
+        return {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
+                "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
+                "restarts": self.restarts}
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+            bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+        """Generate adversarial examples for one batch (the caller sets the model's mode)."""
+        eps, step = self.budget, self.resolved_step
+        common = dict(bounds=bounds, generator=generator)
+        if self.attack == "fgsm":
+            return fgsm(model, x, y, eps, **common)
+        if self.attack == "fgsm_rs":
+            return fgsm_rs(model, x, y, eps, step=step, **common)
+        if self.attack == "bim":
+            return bim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
+        if self.attack == "mim":
+            return mim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
+        return pgd(model, x, y, eps, step=step, steps=self.resolved_steps, norm=self.norm,
+                   restarts=self.restarts, **common)

@@ -1,0 +1,126 @@
+"""Cost of one adversarial training step relative to a clean step, and our PGD against torchattacks.
+
+ResNet-18 at CIFAR-10 shape. Each step is zero_grad + the defense's loss (attack included) + backward
++ SGD step, timed as the median of ``--repeats`` runs after a warm-up. Prints the ratios and writes
+them as JSON (``--out``).
+
+    python bench/step_cost.py                       # CPU, batch 32
+    python bench/step_cost.py --device cuda --batch-size 128 --bf16 --channels-last
+
+Theory for PGD-10 with input-only gradients: a clean step is about 3 forward-equivalents (forward +
+backward with weight gradients), an attack iteration about 2 (forward + input-only backward), so
+(10 * 2 + 3) / 3 ~ 7.7x; with loss.backward() in the attack it is (10 * 3 + 3) / 3 = 11x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attacks import attack_mode, pgd
+from defenses import PGDAT, TRADES, Standard
+from networks import ResNet18
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--out", default="bench/results/step_cost.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    network = ResNet18(num_classes=10).to(device)
+    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    if args.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    defenses = {
+        "clean": Standard(network=network),
+        "pgd10": PGDAT(network=network, eps="8/255", attack="pgd", steps=10, step="2/255"),
+        "trades10": TRADES(network=network, eps="8/255", steps=10, step="2/255"),
+        "fgsm_rs": PGDAT(network=network, eps="8/255", attack="fgsm_rs"),
+    }
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
+    seconds = {}
+    for name, defense in defenses.items():
+        defense.train()
+
+        def step(defense=defense):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = defense.defense_loss(x, y).loss
+            loss.backward()
+            optimizer.step()
+
+        seconds[name] = timed(step, device, args.repeats)
+        print(f"{name:>9}: {seconds[name] * 1000:8.1f} ms/step  ({seconds[name] / seconds['clean']:.2f}x clean)")
+
+    import torchattacks
+
+    ta_pgd = torchattacks.PGD(network, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+
+    def ours():
+        with autocast, attack_mode(network):
+            pgd(network, x, y, 8 / 255, step=2 / 255, steps=10)
+
+    def theirs():
+        with autocast:
+            ta_pgd(x, y)
+
+    network.eval()
+    seconds["pgd10_attack_ours"] = timed(ours, device, args.repeats)
+    seconds["pgd10_attack_torchattacks"] = timed(theirs, device, args.repeats)
+    ratios = {
+        "pgd10_vs_clean": seconds["pgd10"] / seconds["clean"],
+        "trades10_vs_clean": seconds["trades10"] / seconds["clean"],
+        "fgsm_rs_vs_clean": seconds["fgsm_rs"] / seconds["clean"],
+        "pgd_ours_vs_torchattacks": seconds["pgd10_attack_ours"] / seconds["pgd10_attack_torchattacks"],
+    }
+    print(f"PGD-10 attack: ours {seconds['pgd10_attack_ours'] * 1000:.1f} ms, torchattacks "
+          f"{seconds['pgd10_attack_torchattacks'] * 1000:.1f} ms")
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    result = {"device": str(device), "batch_size": args.batch_size, "bf16": args.bf16,
+              "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "seconds": seconds, "ratios": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""One LightningDataModule per dataset; images stay uint8 in memory and are augmented on the device."""
+
+from .base import ArrayDataModule, DatasetNotFoundError, TensorPairDataset, collate_batch
+from .cifar10 import CIFAR10
+from .digits import Digits
+from .mnist import MNIST
+
+__all__ = [
+    "CIFAR10",
+    "MNIST",
+    "ArrayDataModule",
+    "DatasetNotFoundError",
+    "Digits",
+    "TensorPairDataset",
+    "collate_batch",
+]

@@ -1,0 +1,9 @@
+"""One LightningModule per defense family; training_step makes adversarial examples on the device."""
+
+from .base import AdversarialDefense, DefenseOutput
+from .pgd_at import PGDAT
+from .schedules import PiecewiseLinearLR
+from .standard import Standard
+from .trades import TRADES
+
+__all__ = ["PGDAT", "TRADES", "AdversarialDefense", "DefenseOutput", "PiecewiseLinearLR", "Standard"]

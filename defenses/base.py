@@ -1,0 +1,177 @@
+"""The base LightningModule every defense derives from."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from attacks import AttackSetting, attack_mode, parse_budget
+
+from .rng import rng_states, set_rng_states
+from .schedules import PiecewiseLinearLR
+
+
+class DefenseOutput(NamedTuple):
+    """What a defense computes for one training batch."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]  # every named term of the loss, logged as train/<name>
+    logits_clean: Tensor | None = None
+    logits_adv: Tensor | None = None
+
+
+def num_classes_of(network: nn.Module) -> int:
+    head = getattr(network, "head", None)
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    if hasattr(network, "num_classes"):
+        return int(network.num_classes)
+    raise ValueError(f"cannot tell how many classes {type(network).__name__} predicts: give it a "
+                     "`head` (nn.Linear) or a `num_classes` attribute")
+
+
+class AdversarialDefense(pl.LightningModule):
+    """Owns the network, optimizer and LR scheduler; logs every loss term, clean and adversarial
+    training accuracy, and clean and robust validation accuracy.
+
+    A subclass implements :meth:`defense_loss` (the loss of one batch and its named parts).
+
+    Args:
+        network: the classifier; it takes inputs in their natural range and normalizes inside.
+        optimizer: a callable ``params -> Optimizer`` (config: ``class_path: torch.optim.SGD``);
+            default SGD lr 0.1, momentum 0.9, weight decay 5e-4.
+        lr_scheduler: a callable ``optimizer -> scheduler``; stepped per epoch, except
+            :class:`~defenses.schedules.PiecewiseLinearLR`, which is stepped per batch.
+        eps: the threat model's Linf budget (training attack and validation), e.g. "8/255".
+        val_attack, val_steps, val_step: the validation attack (``val/acc_robust``), e.g. PGD-10, or
+            NuAT's 7-step I-FGSM (``bim``, 7).
+        val_seed: seeds the validation attack's random start per batch with a private generator, so
+            validation is reproducible and never consumes the global RNG (exact resume).
+        channels_last: convert the network and its 4-D inputs to channels_last (faster convs on GPUs).
+        compile: ``torch.compile`` the network in place (state_dict keys stay the same).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        eps: float | str = "8/255",
+        val_attack: str = "pgd",
+        val_steps: int | None = 10,
+        val_step: float | str | None = None,
+        val_seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.network = network
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.eps = parse_budget(eps, "eps")
+        self.val_setting = AttackSetting(attack=val_attack, eps=self.eps, steps=val_steps, step=val_step)
+        self.val_seed = val_seed
+        self.channels_last = channels_last
+        self.compile_network = compile
+        classes = num_classes_of(network)
+        self.train_acc_clean = MulticlassAccuracy(classes, average="micro")
+        self.train_acc_adv = MulticlassAccuracy(classes, average="micro")
+        self.val_acc_clean = MulticlassAccuracy(classes, average="micro")
+        self.val_acc_robust = MulticlassAccuracy(classes, average="micro")
+        self.test_acc_clean = MulticlassAccuracy(classes, average="micro")
+
+    # ---- the one method a defense implements -------------------------------------------------
+    def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement defense_loss")
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(self.prepare_input(x))
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        if self.compile_network and not getattr(self, "_compiled", False):
+            self.network.compile()
+            self._compiled = True
+
+    def attack_generator(self, device: torch.device, seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = self.prepare_input(x)
+        out = self.defense_loss(x, y)
+        self.log("train/loss", out.loss, prog_bar=True)
+        for name, value in out.parts.items():
+            self.log(f"train/{name}", value)
+        if out.logits_adv is not None:
+            self.train_acc_adv(out.logits_adv.detach(), y)
+            self.log("train/acc_adv", self.train_acc_adv, on_step=True, on_epoch=True)
+        logits_clean = out.logits_clean
+        if logits_clean is None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            # a defense that trains on adversarial inputs only: measure clean accuracy on logging
+            # steps only (one extra forward, in eval mode so BatchNorm statistics stay untouched)
+            with torch.no_grad(), attack_mode(self.network):
+                logits_clean = self.network(x)
+        if logits_clean is not None:
+            self.train_acc_clean(logits_clean.detach(), y)
+            self.log("train/acc_clean", self.train_acc_clean, on_step=True, on_epoch=True, prog_bar=True)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        x = self.prepare_input(x)
+        self.val_acc_clean(self.network(x), y)
+        # the evaluation loop runs under no_grad (trainer.inference_mode must be False)
+        with torch.enable_grad(), attack_mode(self.network):
+            generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
+            x_adv = self.val_setting.run(self.network, x, y, generator=generator)
+        self.val_acc_robust(self.network(x_adv), y)
+        self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
+        self.log("val/acc_robust", self.val_acc_robust, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc_clean(self.network(self.prepare_input(x)), y)
+        self.log("test/acc_clean", self.test_acc_clean)
+
+    def configure_optimizers(self):
+        params = self.parameters()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        interval = "epoch"
+        if isinstance(scheduler, PiecewiseLinearLR):
+            max_epochs = self.trainer.max_epochs
+            if max_epochs is None or max_epochs < 1:
+                raise ValueError("PiecewiseLinearLR needs trainer.max_epochs to be set")
+            scheduler.set_steps_per_epoch(self.trainer.estimated_stepping_batches / max_epochs)
+            interval = "step"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # exact resume: the global RNG states (data order, augmentation, random starts) travel with the
+    # checkpoint. Lightning runs its sanity check inside isolate_rng, so restoring here is exact.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_states(checkpoint["rng_states"])
+
+

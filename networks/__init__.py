@@ -1,0 +1,36 @@
+"""Plain nn.Modules for adversarial training; no Lightning here.
+
+Every network takes inputs in the natural range ([0, 1] images), normalizes inside with a ``Normalize``
+first layer, and exposes ``forward_features(x) -> (B, feature_dim)`` (the penultimate representation) and
+``head`` (the final linear layer), with ``forward(x) == head(forward_features(x))``.
+"""
+
+from .cnn import CNN4C3F, CarliniCNN, DigitsCNN
+from .normalize import Normalize
+from .preact_resnet import PreActResNet18
+from .resnet import ResNet18
+from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
+from .wide_resnet import WideResNet
+
+# Per-channel statistics of the training sets, in [0, 1] units.
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2471, 0.2435, 0.2616]  # true per-pixel std (not the often-copied 0.2023, 0.1994, 0.2010)
+MNIST_MEAN = [0.1307]
+MNIST_STD = [0.3081]
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CNN4C3F",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "CarliniCNN",
+    "DigitsCNN",
+    "Normalize",
+    "PreActResNet18",
+    "ResNet18",
+    "TorchvisionNet",
+    "WideResNet",
+]

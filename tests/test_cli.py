@@ -1,0 +1,106 @@
+"""The advtrain command end to end on digits: fit, test, results, TensorBoard, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_utils import ROOT, advtrain, config
+
+FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def event_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
+    cfg = config("demo/pgd_at.yaml")
+    advtrain("fit", "-c", cfg, "--trainer.max_epochs", 2, "--model.init_args.steps", 3, *FAST, cwd=tmp_path)
+    run = tmp_path / "runs" / "demo" / "pgd_at" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "checkpoints").glob("best-epoch*.ckpt"))
+    advtrain("test", "-c", cfg, "--ckpt_path", "best", "--evaluation.limit", 120, *FAST, cwd=tmp_path)
+    results = json.loads((run / "robustness.json").read_text())
+    assert results["n"] == 120 and results["split"] == "test"
+    assert results["checkpoint"].endswith(".ckpt") and "best-epoch" in results["checkpoint"]
+    names = [a["name"] for a in results["attacks"]]
+    assert names == ["fgsm eps=0.05", "fgsm eps=0.1", "fgsm eps=0.2",
+                     "pgd-20x2 eps=0.05", "pgd-20x2 eps=0.1", "pgd-20x2 eps=0.2"]
+    clean = results["clean"]["accuracy"]
+    assert 0.3 < clean <= 1
+    for a in results["attacks"]:
+        assert a["n"] == 120 and 0 <= a["accuracy"] <= clean
+        assert a["correct"] == sum(results["per_example"][a["name"]])
+    pgd_acc = [a["accuracy"] for a in results["attacks"] if a["attack"] == "pgd"]
+    assert pgd_acc == sorted(pgd_acc, reverse=True)
+    assert (run / "robustness.md").read_text().startswith("| setting |")
+    assert (run / "config_fit.yaml").exists() and (run / "config_test.yaml").exists()
+    tags = event_tags(run)
+    for tag in ["train/loss", "train/ce_adv", "train/acc_adv_step", "train/acc_clean_epoch", "val/acc_clean",
+                "val/acc_robust", "lr-Adam", "robustness/clean", "robustness/pgd-20x2 eps=0.2"]:
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
+    cfg = config("demo/pgd_at.yaml")
+    common = ["--trainer.max_epochs", 3, "--model.init_args.steps", 2, *FAST]
+    advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "straight", cwd=tmp_path)
+    killed = advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "killed",
+                      "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step", 30,
+                      cwd=tmp_path, check=False, env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert killed.returncode != 0  # SIGKILL in the middle of the second epoch
+    run = tmp_path / "runs" / "killed" / "version_0"
+    interrupted = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert interrupted["epoch"] == 0  # only the first epoch had finished
+    advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "killed", "--ckpt_path", "last",
+             cwd=tmp_path)
+    assert not (tmp_path / "runs" / "killed" / "version_1").exists()  # same run directory
+    straight = torch.load(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=False)
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] and resumed["epoch"] == 2
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--evaluation.attacks", '[{"attack": "pgdd", "eps": 0.1}]'], "unknown attack 'pgdd'"),
+    (["--evaluation.attacks", '[{"attack": "pgd", "eps": -0.1}]'], "eps must be a finite number >= 0"),
+    (["--evaluation.attacks", '[{"attack": "pgd", "eps": 0.1, "steps": 0}]'], "steps must be an integer >= 1"),
+    (["--model.init_args.eps", "-1"], "eps must be a finite number >= 0"),
+    (["--model.init_args.steps", "0"], "steps must be an integer >= 1"),
+    (["--model.init_args.epz", "0.1"], "epz"),
+    (["--trainer.max_epochz", "3"], "max_epochz"),
+])
+def test_bad_input_fails_at_start_with_a_message(tmp_path, override, message):
+    proc = advtrain("fit", "-c", config("demo/pgd_at.yaml"), *override, *FAST, cwd=tmp_path, check=False,
+                    timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))  # nothing was trained
+
+
+def test_config_file_typo_fails_at_start(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epochz: 3\n")
+    proc = advtrain("fit", "-c", config("demo/pgd_at.yaml"), "-c", typo, *FAST, cwd=tmp_path, check=False,
+                    timeout=120)
+    assert proc.returncode != 0 and "max_epochz" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dataset_fails_at_start_naming_path_and_flag(tmp_path):
+    proc = advtrain("fit", "-c", config("mnist/pgd_at.yaml"), "--data.init_args.root", tmp_path / "nowhere",
+                    *FAST, cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    output = proc.stderr + proc.stdout
+    assert str(tmp_path / "nowhere") in output and "download" in output

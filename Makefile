@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow test-gpu demo bench lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 demo: install
 	$(PY) -m advtrain.demo

@@ -22,7 +22,7 @@ def model_hash(network: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(network.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -166,8 +166,8 @@ class RobustnessEvaluation(pl.Callback):
             lines.append(f"| {a['name']} | {100 * a['accuracy']:.2f} | {a['correct']} / {a['n']} |")
         table = "\n".join(lines)
         rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}):\n{table}")
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         if trainer.is_global_zero:
-            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{self.filename}.json").write_text(json.dumps(results, indent=1))
             (out_dir / f"{self.filename}.md").write_text(table + "\n")

@@ -327,7 +327,7 @@ def test_flip_only_and_no_augmentation():
     assert torch.equal(plain.preprocess((x, y), train=True)[0], plain.preprocess((x, y), train=False)[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_preprocess_on_gpu_does_not_sync():
     dm = ArrayDataModule(crop_padding=4, flip=True)
     x = _random_images(n=256, h=32, w=32).cuda()

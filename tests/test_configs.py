@@ -1,0 +1,107 @@
+"""Every shipped config parses, and the MNIST / CIFAR-10 recipes run end to end on fixture files
+written in the real on-disk formats (through torchvision's dataset classes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_utils import ROOT
+from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
+
+from advtrain.cli import AdvtrainCLI
+
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer")
+FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
+        "--trainer.devices=1"]
+CHEAP_SUITE = '[{"attack": "fgsm", "eps": "8/255"}, {"attack": "pgd", "eps": "8/255", "steps": 3}]'
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_config_parses(cfg, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        AdvtrainCLI(args=["fit", "-c", str(cfg), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: defenses." in printed and "class_path: datamodules." in printed
+
+
+@pytest.mark.parametrize("preset", ["gpu", "ddp"])
+def test_trainer_presets_compose_with_an_experiment(preset, capsys):
+    with pytest.raises(SystemExit):
+        AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs/cifar10/pgd_at.yaml"), "-c",
+                          str(ROOT / f"configs/trainer/{preset}.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "precision: bf16-mixed" in printed and "channels_last: true" in printed
+    assert "class_path: defenses.PGDAT" in printed  # the preset did not replace the experiment's model
+
+
+def fit_and_test(cfg, *overrides):
+    fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / cfg), "--trainer.max_epochs=1", *FAST, *overrides])
+    last = fit.trainer.checkpoint_callbacks[-1].best_model_path
+    assert last.endswith("last.ckpt")
+    test = AdvtrainCLI(args=["test", "-c", str(ROOT / cfg), "--ckpt_path", last, "--evaluation.attacks", CHEAP_SUITE,
+                             *FAST, *overrides])
+    return fit, json.loads((Path(test.trainer.log_dir) / "robustness.json").read_text())
+
+
+def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
+    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    fit, results = fit_and_test("configs/cifar10/pgd_at.yaml", "--data.init_args.val_size=8",
+                                "--data.init_args.batch_size=16", "--model.init_args.steps=2")
+    assert type(fit.model.network).__name__ == "ResNet18"
+    assert fit.trainer.global_step == 2  # 32 training images in batches of 16
+    assert results["n"] == 10 and [a["name"] for a in results["attacks"]] == ["fgsm eps=8/255", "pgd-3 eps=8/255"]
+    assert (tmp_path / "runs" / "cifar10" / "pgd_at" / "version_0" / "robustness.json").exists()
+
+
+def test_cifar10_fgsm_rs_recipe_steps_its_cyclic_lr_every_batch(tmp_path, monkeypatch):
+    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs/cifar10/fgsm_rs.yaml"), "--trainer.max_epochs=2",
+                            "--data.init_args.val_size=8", "--data.init_args.batch_size=8", *FAST,
+                            "--model.init_args.lr_scheduler.init_args.epochs=[0, 1, 2]"])
+    assert type(fit.model.network).__name__ == "PreActResNet18"
+    scheduler = fit.trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step" and fit.trainer.global_step == 8
+    # triangle 0 -> 0.2 -> 0 over 2 epochs of 4 steps: after 8 steps the lr is back at 0
+    assert scheduler.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cifar10_trades_recipe_runs_with_a_small_wide_resnet(tmp_path, monkeypatch):
+    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    fit, results = fit_and_test("configs/cifar10/trades.yaml", "--data.init_args.val_size=8",
+                                "--data.init_args.batch_size=16", "--model.init_args.steps=2",
+                                "--model.init_args.network.init_args.depth=10",
+                                "--model.init_args.network.init_args.widen_factor=1")
+    assert type(fit.model).__name__ == "TRADES" and fit.model.beta == 6.0
+    logged = fit.trainer.logged_metrics
+    assert {"train/ce", "train/kl", "train/loss"} <= set(logged)
+
+
+@pytest.mark.parametrize("recipe", ["standard", "pgd_at", "trades"])
+def test_mnist_recipes_run_on_fixture_files(tmp_path, monkeypatch, recipe):
+    write_mnist(tmp_path / "data", n_train=60, n_test=20)
+    monkeypatch.chdir(tmp_path)
+    fit, results = fit_and_test(f"configs/mnist/{recipe}.yaml", "--data.init_args.val_size=10",
+                                "--data.init_args.batch_size=25")
+    assert type(fit.model.network).__name__ == "CNN4C3F"
+    assert fit.trainer.global_step == 2 and results["n"] == 20
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs/demo/pgd_at.yaml"), "--trainer.max_epochs=1",
+                            "--trainer.precision=bf16-mixed", "--model.init_args.channels_last=true", *FAST])
+    net = fit.model.network
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fit.trainer.precision == "bf16-mixed"
+    assert 0.2 < float(fit.trainer.callback_metrics["val/acc_clean"]) <= 1

@@ -1,5 +1,5 @@
-"""``make demo``: standard training and PGD adversarial training of a small CNN on scikit-learn's
-bundled 8x8 digits, each evaluated under FGSM and PGD at a few budgets; prints one table.
+"""``make demo``: standard training, PGD adversarial training and NuAT-WA of a small CNN on
+scikit-learn's bundled 8x8 digits, each evaluated under FGSM and PGD at a few budgets; prints one table.
 
 Everything goes through the same CLI a user runs (``advtrain fit`` / ``advtrain test``), so the run
 directories under ``runs/demo/`` hold the TensorBoard events, checkpoints and ``robustness.json``.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from advtrain.cli import AdvtrainCLI
 
-DEMOS = {"Standard": "configs/demo/standard.yaml", "PGD-AT": "configs/demo/pgd_at.yaml"}
+DEMOS = {"Standard": "configs/demo/standard.yaml", "PGD-AT": "configs/demo/pgd_at.yaml",
+         "NuAT-WA": "configs/demo/nuat.yaml"}
 
 
 def run(name: str, config: str, quiet_args: list[str]) -> dict:

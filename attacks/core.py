@@ -11,6 +11,8 @@ The caller decides the model's mode (see :func:`attacks.mode.attack_mode`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -83,7 +85,7 @@ def projected_gradient(
     steps: int,
     norm: str = "linf",
     loss: AttackLoss = cross_entropy,
-    start: str = "zero",
+    start: str | Tensor = "zero",
     start_scale: float | None = None,
     momentum: float | None = None,
     restarts: int = 1,
@@ -97,6 +99,9 @@ def projected_gradient(
     or grad / ||grad||_2 (L2); projection onto the ball and the box ``bounds``. The update order is
     torchattacks' (step on x_adv, clip x_adv - x, clamp), so results agree to the last bit.
 
+    ``start`` names a random start (:func:`random_start`) or is a tensor: the starting point x_adv
+    itself (multi-step schemes that change the loss or the model between steps, such as NuAT2).
+
     With ``restarts > 1`` the attack runs again from new random starts and keeps, per example, the
     worst case: a misclassified result beats a correct one, then the higher loss wins.
     """
@@ -106,8 +111,19 @@ def projected_gradient(
     check_steps(restarts, "restarts")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if start not in STARTS:
+    if not isinstance(start, Tensor) and start not in STARTS:
         raise ValueError(f"unknown start {start!r}; choose one of {', '.join(STARTS)}")
+    check_inputs(x, y)
+    x = x.detach()
+
+    def run() -> Tensor:
+        return _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, bounds, generator)
+
+    return worst_of_restarts(model, x, y, restarts, run, loss)
+
+
+def check_inputs(x: Tensor, y: Tensor) -> None:
+    """What every attack needs of its inputs, said plainly when it is missing."""
     if not x.is_floating_point():
         raise TypeError(f"attacks take floating-point inputs in their natural range, got {x.dtype}")
     if x.shape[0] != y.shape[0]:
@@ -115,29 +131,35 @@ def projected_gradient(
     if torch.is_inference_mode_enabled():
         raise RuntimeError("attacks need gradients, but inference mode is on: run them outside "
                            "torch.inference_mode() (Lightning: trainer.inference_mode=False)")
-    x = x.detach()
 
-    best = best_loss = best_mis = None
+
+def worst_of_restarts(model: nn.Module, x: Tensor, y: Tensor, restarts: int, run: Callable[[], Tensor],
+                      score: AttackLoss) -> Tensor:
+    """Call ``run()`` ``restarts`` times; keep per example the worst case: a misclassified result beats a
+    correct one, then the higher ``score(logits, y)`` wins. One run costs no extra forward."""
+    best = best_score = best_mis = None
     for _ in range(restarts):
-        x_adv = _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, bounds,
-                        generator)
+        x_adv = run()
         if restarts == 1:
             return x_adv
         with torch.no_grad():
             logits = model(x_adv)
-            run_loss, run_mis = loss(logits, y), misclassified(logits, y)
+            run_score, run_mis = score(logits, y), misclassified(logits, y)
         if best is None:
-            best, best_loss, best_mis = x_adv, run_loss, run_mis
+            best, best_score, best_mis = x_adv, run_score, run_mis
             continue
-        better = (run_mis & ~best_mis) | ((run_mis == best_mis) & (run_loss > best_loss))
+        better = (run_mis & ~best_mis) | ((run_mis == best_mis) & (run_score > best_score))
         best = torch.where(_per_example(better, x), x_adv, best)
-        best_loss = torch.where(better, run_loss, best_loss)
+        best_score = torch.where(better, run_score, best_score)
         best_mis = best_mis | run_mis
     return best
 
 
 def _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, bounds, generator):
-    x_adv = project(x + random_start(x, eps, start, norm, start_scale, generator), x, eps, norm, bounds)
+    if isinstance(start, Tensor):
+        x_adv = project(start.detach().to(x.dtype), x, eps, norm, bounds)
+    else:
+        x_adv = project(x + random_start(x, eps, start, norm, start_scale, generator), x, eps, norm, bounds)
     velocity = torch.zeros_like(x) if momentum is not None else None
     reduce_dims = tuple(range(1, x.dim()))
     for _ in range(steps):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .budget import check_steps, format_budget, parse_budget
 from .core import NORMS
+from .gama import gama_fw, gama_pgd
 from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd
 
 # name -> (function, takes steps, has a random start)
@@ -22,7 +23,10 @@ ATTACKS = {
     "bim": (bim, True, False),
     "pgd": (pgd, True, True),
     "mim": (mim, True, False),
+    "gama_pgd": (gama_pgd, True, True),
+    "gama_fw": (gama_fw, True, True),
 }
+DEFAULT_STEPS = {"gama_pgd": 100, "gama_fw": 100}
 
 
 def check_attack_name(name: str) -> str:
@@ -36,11 +40,12 @@ class AttackSetting:
     """One attack configuration.
 
     Args:
-        attack: one of ``fgsm``, ``fgsm_rs``, ``bim``, ``pgd``, ``mim``.
+        attack: one of ``fgsm``, ``fgsm_rs``, ``bim``, ``pgd``, ``mim``, ``gama_pgd``, ``gama_fw``.
         eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into
             one setting per budget (:meth:`expand`).
-        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10).
-        step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255).
+        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100).
+        step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255, gama_pgd 2 eps, i.e. 16/255
+            at 8/255, divided by 10 at iterations 60 and 85; for gama_fw the Frank-Wolfe gamma, 0.5).
         restarts: random restarts, keeping each example's worst case (needs a random start).
         norm: ``linf`` or ``l2`` (l2 for pgd only).
     """
@@ -92,7 +97,7 @@ class AttackSetting:
             return self.steps
         if self.attack == "bim":
             return bim_steps(self.budget)
-        return 10 if ATTACKS[self.attack][1] else 1
+        return DEFAULT_STEPS.get(self.attack, 10) if ATTACKS[self.attack][1] else 1
 
     @property
     def resolved_step(self) -> float:
@@ -100,7 +105,7 @@ class AttackSetting:
             return float(self.step)
         eps, steps = self.budget, self.resolved_steps
         return {"fgsm": eps, "fgsm_rs": 1.25 * eps, "bim": 1 / 255, "pgd": 2.5 * eps / steps,
-                "mim": eps / steps}[self.attack]
+                "mim": eps / steps, "gama_pgd": 2 * eps, "gama_fw": 0.5}[self.attack]
 
     @property
     def name(self) -> str:
@@ -132,5 +137,9 @@ class AttackSetting:
             return bim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
         if self.attack == "mim":
             return mim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
+        if self.attack == "gama_pgd":
+            return gama_pgd(model, x, y, eps, step=step, steps=self.resolved_steps, restarts=self.restarts, **common)
+        if self.attack == "gama_fw":
+            return gama_fw(model, x, y, eps, gamma=step, steps=self.resolved_steps, restarts=self.restarts, **common)
         return pgd(model, x, y, eps, step=step, steps=self.resolved_steps, norm=self.norm,
                    restarts=self.restarts, **common)

@@ -9,7 +9,9 @@ them as JSON (``--out``).
 
 Theory for PGD-10 with input-only gradients: a clean step is about 3 forward-equivalents (forward +
 backward with weight gradients), an attack iteration about 2 (forward + input-only backward), so
-(10 * 2 + 3) / 3 ~ 7.7x; with loss.backward() in the attack it is (10 * 3 + 3) / 3 = 11x.
+(10 * 2 + 3) / 3 ~ 7.7x; with loss.backward() in the attack it is (10 * 3 + 3) / 3 = 11x. NuAT: a clean
+forward+backward (3), one attack iteration (2) and the adversarial forward+backward (3): 8 / 3 ~ 2.7x, plus
+two small SVDs (B x 10); NuAT2 one more attack iteration: ~3.3x.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks import attack_mode, pgd
-from defenses import PGDAT, TRADES, Standard
+from defenses import PGDAT, TRADES, NuAT, Standard
 from networks import ResNet18
 
 
@@ -74,7 +76,11 @@ def main(argv=None):
         "pgd10": PGDAT(network=network, eps="8/255", attack="pgd", steps=10, step="2/255"),
         "trades10": TRADES(network=network, eps="8/255", steps=10, step="2/255"),
         "fgsm_rs": PGDAT(network=network, eps="8/255", attack="fgsm_rs"),
+        "nuat": NuAT(network=network, eps="8/255", nuclear_every=1),
+        "nuat2": NuAT(network=network, eps="8/255", attack_steps=2, nuclear_every=1),
     }
+    for name in ("nuat", "nuat2"):  # outside a Trainer the ramp would say 0: time it at its final value
+        defenses[name].current_lambda = lambda: 4.0
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
     seconds = {}
     for name, defense in defenses.items():
@@ -109,6 +115,8 @@ def main(argv=None):
         "pgd10_vs_clean": seconds["pgd10"] / seconds["clean"],
         "trades10_vs_clean": seconds["trades10"] / seconds["clean"],
         "fgsm_rs_vs_clean": seconds["fgsm_rs"] / seconds["clean"],
+        "nuat_vs_clean": seconds["nuat"] / seconds["clean"],
+        "nuat2_vs_clean": seconds["nuat2"] / seconds["clean"],
         "pgd_ours_vs_torchattacks": seconds["pgd10_attack_ours"] / seconds["pgd10_attack_torchattacks"],
     }
     print(f"PGD-10 attack: ours {seconds['pgd10_attack_ours'] * 1000:.1f} ms, torchattacks "

@@ -1,5 +1,6 @@
-"""Lightning callbacks: robustness evaluation (EMA, covariance tracking and plots come with later issues)."""
+"""Lightning callbacks: EMA weight averaging and robustness evaluation."""
 
+from .ema import EMA
 from .robustness import RobustnessEvaluation, model_hash
 
-__all__ = ["RobustnessEvaluation", "model_hash"]
+__all__ = ["EMA", "RobustnessEvaluation", "model_hash"]

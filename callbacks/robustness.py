@@ -12,9 +12,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
+from tqdm.auto import tqdm
 
 from attacks import AttackSetting, attack_mode
+
+
+def _whole_batch(batch):
+    """Collate for datasets whose ``__getitems__`` already returns a whole batch."""
+    return batch
 
 
 def model_hash(network: nn.Module) -> str:
@@ -77,55 +83,63 @@ class RobustnessEvaluation(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     # ---- the evaluation --------------------------------------------------------------------------
-    def _loader(self, trainer) -> DataLoader:
+    def _shard(self, trainer) -> tuple[DataLoader, int, int]:
+        """This rank's batches of the one-process batching, with their global batch indices.
+
+        Returns the loader (batches b = rank, rank + W, ...), the batch size and the split's size.
+        """
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_dataset"):
             raise RuntimeError("RobustnessEvaluation needs an advtrain datamodule (one with eval_dataset "
                                "and preprocess); pass it as `data` in the config")
         dataset = datamodule.eval_dataset(self.split)
         if self.limit is not None and self.limit < len(dataset):
-            dataset = torch.utils.data.Subset(dataset, range(self.limit))
+            dataset = Subset(dataset, range(self.limit))
         batch_size = self.batch_size or getattr(datamodule, "eval_batch_size", None) or 128
-        collate = getattr(datamodule, "collate_fn", None)
-        from datamodules.base import collate_batch
-
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate or collate_batch)
+        batches = list(BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False))
+        own = batches[trainer.global_rank::trainer.world_size]
+        inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+        # in-memory datasets hand out whole batches (__getitems__); file datasets go through default collate
+        collate = _whole_batch if hasattr(inner, "__getitems__") else None
+        workers = getattr(datamodule, "num_workers", 0)
+        loader = DataLoader(dataset, batch_sampler=own, collate_fn=collate, num_workers=workers,
+                            pin_memory=getattr(datamodule, "pin_memory", False))
+        return loader, batch_size, len(dataset)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Run the suite; return (and store in ``self.results``) the results on every rank."""
         network = pl_module.network
         prepare = getattr(pl_module, "prepare_input", lambda x: x)
         datamodule = trainer.datamodule
-        loader = self._loader(trainer)
-        n_total = len(loader.dataset)
+        loader, batch_size, n_total = self._shard(trainer)
         rank, world = trainer.global_rank, trainer.world_size
         device = pl_module.device
         # per-example outcome, -1 where another rank owns the example; summed over ranks at the end
         clean = torch.zeros(n_total, dtype=torch.int64, device=device)
         robust = torch.zeros(len(self.settings), n_total, dtype=torch.int64, device=device)
         timings = torch.zeros(len(self.settings), dtype=torch.float64)
-        start = 0
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
                 trainer.precision_plugin.forward_context():
-            for batch_idx, batch in enumerate(loader):
+            for k, batch in enumerate(tqdm(loader, desc="robustness", disable=not trainer.is_global_zero,
+                                           leave=False)):
+                batch_idx = rank + k * world  # the batch's index in the one-process batching
+                start = batch_idx * batch_size
                 size = len(batch[1])
-                if batch_idx % world == rank:
-                    batch = trainer.strategy.batch_to_device(batch, device)
-                    x, y = datamodule.preprocess(batch, train=False)
-                    x = prepare(x)
+                batch = trainer.strategy.batch_to_device(batch, device)
+                x, y = datamodule.preprocess(batch, train=False)
+                x = prepare(x)
+                with torch.no_grad():
+                    clean_ok = network(x).argmax(1) == y
+                clean[start:start + size] = clean_ok.long()
+                for i, setting in enumerate(self.settings):
+                    t0 = time.perf_counter()
+                    generator = torch.Generator(device=device).manual_seed(
+                        (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
+                    x_adv = setting.run(network, x, y, generator=generator)
                     with torch.no_grad():
-                        clean_ok = network(x).argmax(1) == y
-                    clean[start:start + size] = clean_ok.long()
-                    for i, setting in enumerate(self.settings):
-                        t0 = time.perf_counter()
-                        generator = torch.Generator(device=device).manual_seed(
-                            (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
-                        x_adv = setting.run(network, x, y, generator=generator)
-                        with torch.no_grad():
-                            adv_ok = network(prepare(x_adv)).argmax(1) == y
-                        robust[i, start:start + size] = (clean_ok & adv_ok).long()
-                        timings[i] += time.perf_counter() - t0
-                start += size
+                        adv_ok = network(prepare(x_adv)).argmax(1) == y
+                    robust[i, start:start + size] = (clean_ok & adv_ok).long()
+                    timings[i] += time.perf_counter() - t0
         clean = trainer.strategy.reduce(clean, reduce_op="sum")
         robust = trainer.strategy.reduce(robust, reduce_op="sum")
         timings = trainer.strategy.reduce(timings.to(device), reduce_op="sum").cpu()

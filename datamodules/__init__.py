@@ -3,6 +3,7 @@
 from .base import ArrayDataModule, DatasetNotFoundError, TensorPairDataset, collate_batch
 from .cifar10 import CIFAR10
 from .digits import Digits
+from .imagenet100 import ImageNet100
 from .mnist import MNIST
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ArrayDataModule",
     "DatasetNotFoundError",
     "Digits",
+    "ImageNet100",
     "TensorPairDataset",
     "collate_batch",
 ]

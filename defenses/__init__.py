@@ -1,9 +1,11 @@
 """One LightningModule per defense family; training_step makes adversarial examples on the device."""
 
 from .base import AdversarialDefense, DefenseOutput
+from .nuat import LinearRamp, NuAT
 from .pgd_at import PGDAT
 from .schedules import PiecewiseLinearLR
 from .standard import Standard
 from .trades import TRADES
 
-__all__ = ["PGDAT", "TRADES", "AdversarialDefense", "DefenseOutput", "PiecewiseLinearLR", "Standard"]
+__all__ = ["AdversarialDefense", "DefenseOutput", "LinearRamp", "NuAT", "PGDAT", "PiecewiseLinearLR", "Standard",
+           "TRADES"]

@@ -84,6 +84,10 @@ class AdversarialDefense(pl.LightningModule):
         self.val_acc_clean = MulticlassAccuracy(classes, average="micro")
         self.val_acc_robust = MulticlassAccuracy(classes, average="micro")
         self.test_acc_clean = MulticlassAccuracy(classes, average="micro")
+        # set by callbacks: a weight-averaging callback (EMA) and networks to validate besides self.network
+        self.weight_averaging = None
+        self.extra_validation_networks: dict[str, nn.Module] = {}
+        self.batch_idx = 0
 
     # ---- the one method a defense implements -------------------------------------------------
     def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
@@ -98,7 +102,7 @@ class AdversarialDefense(pl.LightningModule):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def configure_model(self) -> None:
+    def setup(self, stage: str) -> None:
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.compile_network and not getattr(self, "_compiled", False):
@@ -112,6 +116,7 @@ class AdversarialDefense(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         x = self.prepare_input(x)
+        self.batch_idx = batch_idx
         out = self.defense_loss(x, y)
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.parts.items():
@@ -141,6 +146,14 @@ class AdversarialDefense(pl.LightningModule):
         self.val_acc_robust(self.network(x_adv), y)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_robust", self.val_acc_robust, prog_bar=True)
+        for name, network in self.extra_validation_networks.items():
+            with torch.enable_grad(), attack_mode(network):
+                generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
+                x_adv = self.val_setting.run(network, x, y, generator=generator)
+                clean_ok = (network(x).argmax(1) == y).float().mean()
+                robust_ok = (network(x_adv).argmax(1) == y).float().mean()
+            self.log(f"val/acc_clean_{name}", clean_ok, batch_size=len(y), sync_dist=True)
+            self.log(f"val/acc_robust_{name}", robust_ok, batch_size=len(y), sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         x, y = batch

@@ -239,3 +239,14 @@ def test_fgsm_rs_uses_the_fbf_step(cnn, batch):
     grad, = torch.autograd.grad(F.cross_entropy(cnn(x0), y, reduction="sum"), x0)
     expected = (x + (x0.detach() + 0.125 * grad.sign() - x).clamp(-0.1, 0.1)).clamp(0, 1)
     torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-6)
+
+
+def test_gama_settings_run_from_the_registry(trained_mlp, digits_tensors):
+    _, _, x, y = digits_tensors
+    for name in ("gama_pgd", "gama_fw"):
+        setting = AttackSetting(name, eps=0.1, steps=20).expand()[0]
+        x_adv = setting.run(trained_mlp, x, y, generator=torch.Generator().manual_seed(0))
+        assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+        with torch.no_grad():
+            assert (trained_mlp(x_adv).argmax(1) == y).float().mean() < (trained_mlp(x).argmax(1) == y).float().mean()
+    assert AttackSetting("gama_pgd", eps="8/255").expand()[0].name == "gama_pgd-100 eps=8/255"

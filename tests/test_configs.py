@@ -105,3 +105,29 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path, monkeypatch):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert fit.trainer.precision == "bf16-mixed"
     assert 0.2 < float(fit.trainer.callback_metrics["val/acc_clean"]) <= 1
+
+
+def write_tiny_imagenet(root, wnids, n_train=3, n_val=2):
+    from PIL import Image
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k, wnid in enumerate(wnids):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.full((40, 48, 3), 40 * k + 10 * i, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG")
+    (root / "classes.txt").write_text("\n".join(wnids) + "\n")
+
+
+def test_imagenet100_nuat_wa_recipe_runs_on_a_fixture_folder(tmp_path, monkeypatch):
+    write_tiny_imagenet(tmp_path / "imagenet", ["n01000001", "n01000002", "n01000003", "n01000004"])
+    monkeypatch.chdir(tmp_path)
+    fit, results = fit_and_test(
+        "configs/imagenet100/nuat_wa.yaml", "--data.init_args.root=imagenet",
+        "--data.init_args.class_list=imagenet/classes.txt", "--data.init_args.image_size=32",
+        "--data.init_args.resize_size=36", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+        "--data.init_args.batch_size=4", "--data.init_args.val_size=4",
+        "--model.init_args.network.init_args.num_classes=4")
+    assert type(fit.model).__name__ == "NuAT" and fit.model.weight_averaging is not None
+    assert fit.trainer.global_step == 2  # 8 training images in batches of 4
+    assert results["n"] == 8 and results["network"] == "TorchvisionNet"

@@ -1,0 +1,111 @@
+"""NuAT: nuclear-norm adversarial training (Sriramanan et al., NeurIPS 2021; official code val-iisc/NuAT)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attacks import attack_mode, nuclear_norm, nuclear_norm_step, nuclear_two_step, parse_budget
+
+from .base import AdversarialDefense, DefenseOutput
+
+
+class LinearRamp:
+    """lambda(epoch) = lambda_max * min(epoch, ramp_epochs) / ramp_epochs, constant within an epoch.
+
+    The official code starts at 0 and adds lambda_max / epochs after every epoch, so with
+    ``ramp_epochs = max_epochs`` epoch e trains with lambda_max * e / max_epochs.
+    """
+
+    def __init__(self, max_value: float, ramp_epochs: int):
+        if ramp_epochs < 1:
+            raise ValueError(f"ramp_epochs must be >= 1, got {ramp_epochs}")
+        self.max_value, self.ramp_epochs = float(max_value), int(ramp_epochs)
+
+    def __call__(self, epoch: int) -> float:
+        return self.max_value * min(epoch, self.ramp_epochs) / self.ramp_epochs
+
+
+class NuAT(AdversarialDefense):
+    """Training loss CE(f(x), y) + lambda * ||f(x~) - f(x)||_* / B (no CE on x~), x~ from the
+    nuclear-norm attack; lambda ramps up linearly (:class:`LinearRamp`, logged as ``train/lambda``).
+
+    Variants (the paper's names):
+      * NuAT: ``attack_steps=1``.  NuAT-WA: add the ``callbacks.EMA`` callback (tau 0.9998).
+      * NuAT2: ``attack_steps=2`` (a nuclear step then a CE step, eps each).
+      * NuAT2-WA: ``attack_steps=2, attack_on_ema=True`` with ``callbacks.EMA(attack_decay=0.99)``: the
+        first step is taken on the fast EMA network (from the second epoch on).
+      * NuAT-H (hybrid): ``two_step_from_epoch=N``: single-step epochs, then two-step ones from epoch N.
+
+    Args:
+        lambda_max: final lambda (4.5 for NuAT on ResNet-18, 4 for the others).
+        lambda_ramp_epochs: epochs to reach lambda_max (default: trainer.max_epochs, the official code).
+        start_scale: a of the Bernoulli start +-a (4/255 CIFAR, 0.3 MNIST).
+        nuclear_every: use the nuclear term in the attack on every n-th minibatch (the official code
+            alternates: 2; the odd batches of an epoch get it); 1 uses it always.
+    """
+
+    def __init__(self, *args, lambda_max: float = 4.0, lambda_ramp_epochs: int | None = None,
+                 start_scale: float | str = "4/255", attack_steps: int = 1, two_step_from_epoch: int | None = None,
+                 attack_on_ema: bool = False, nuclear_every: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        if lambda_max < 0:
+            raise ValueError(f"lambda_max must be >= 0, got {lambda_max}")
+        if attack_steps not in (1, 2):
+            raise ValueError(f"attack_steps must be 1 or 2, got {attack_steps}")
+        if two_step_from_epoch is not None and two_step_from_epoch < 0:
+            raise ValueError(f"two_step_from_epoch must be >= 0, got {two_step_from_epoch}")
+        if nuclear_every < 1:
+            raise ValueError(f"nuclear_every must be >= 1, got {nuclear_every}")
+        self.lambda_max, self.lambda_ramp_epochs = lambda_max, lambda_ramp_epochs
+        self.start_scale = parse_budget(start_scale, "start_scale")
+        self.attack_steps, self.two_step_from_epoch = attack_steps, two_step_from_epoch
+        self.attack_on_ema, self.nuclear_every = attack_on_ema, nuclear_every
+
+    @property
+    def lambda_schedule(self) -> LinearRamp:
+        ramp = self.lambda_ramp_epochs or (self.trainer.max_epochs if self._trainer is not None else None) or 1
+        return LinearRamp(self.lambda_max, ramp)
+
+    def current_lambda(self) -> float:
+        return self.lambda_schedule(self.current_epoch)
+
+    def steps_this_epoch(self) -> int:
+        if self.two_step_from_epoch is not None and self.current_epoch >= self.two_step_from_epoch:
+            return 2
+        return self.attack_steps
+
+    def fast_ema_network(self):
+        if not self.attack_on_ema:
+            return None
+        if self.weight_averaging is None or self.weight_averaging.attack_decay is None:
+            raise RuntimeError("attack_on_ema needs the callbacks.EMA callback with attack_decay set "
+                               "(e.g. trainer.callbacks: [{class_path: callbacks.EMA, init_args: "
+                               "{decay: 0.9998, attack_decay: 0.99}}])")
+        return self.weight_averaging.attack_network()
+
+    def make_adversarial(self, x, y, clean_logits, lam):
+        use_nuclear = self.batch_idx % self.nuclear_every == self.nuclear_every - 1
+        common = dict(clean_logits=clean_logits, lam=lam, start_scale=self.start_scale, use_nuclear=use_nuclear)
+        if self.steps_this_epoch() == 1:
+            with attack_mode(self.network):
+                return nuclear_norm_step(self.network, x, y, self.eps, **common)
+        # two steps: as in the official NuAT2 / NuAT2-WA code, the first step's clean logits come from the
+        # network that takes it (the fast EMA, or the current network in the first epoch), in eval mode
+        first = self.fast_ema_network() or self.network
+        with attack_mode(self.network), attack_mode(first):
+            with torch.no_grad():
+                first_logits = first(x)
+            return nuclear_two_step(self.network, x, y, self.eps, first_model=first,
+                                    first_clean_logits=first_logits, **common)
+
+    def defense_loss(self, x, y):
+        lam = self.current_lambda()
+        logits_clean = self.network(x)
+        x_adv = self.make_adversarial(x, y, logits_clean.detach(), lam)
+        logits_adv = self.network(x_adv)
+        ce = F.cross_entropy(logits_clean.float(), y)
+        nuclear = nuclear_norm(logits_adv.float() - logits_clean.float()) / x.shape[0]
+        loss = ce + lam * nuclear
+        return DefenseOutput(loss, {"ce": ce, "nuclear": nuclear, "lambda": torch.tensor(lam)},
+                             logits_clean, logits_adv)

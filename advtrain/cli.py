@@ -120,6 +120,9 @@ class AdvtrainCLI(LightningCLI):
             config.ckpt_path = str(found)
             rank_zero_info(f"--ckpt_path {ckpt}: using {found}")
         ckpt = config.get("ckpt_path")
+        if not ckpt and self.subcommand in ("test", "validate"):
+            rank_zero_info(f"advtrain {self.subcommand} without --ckpt_path evaluates the freshly initialized "
+                           "network of the config; pass --ckpt_path best, last or a .ckpt file")
         if ckpt:
             ckpt_path = Path(ckpt)
             if not ckpt_path.exists():

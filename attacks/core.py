@@ -122,6 +122,15 @@ def projected_gradient(
     return worst_of_restarts(model, x, y, restarts, run, loss)
 
 
+def input_gradient(objective: Tensor, x_adv: Tensor) -> Tensor:
+    """d objective / d x_adv, and zeros where the model does not let a gradient reach its input (a
+    masked-gradient defense must not crash its own evaluation; the sanity checks then flag it)."""
+    if not objective.requires_grad:
+        return torch.zeros_like(x_adv)
+    (grad,) = torch.autograd.grad(objective, x_adv, allow_unused=True)
+    return torch.zeros_like(x_adv) if grad is None else grad
+
+
 def check_inputs(x: Tensor, y: Tensor) -> None:
     """What every attack needs of its inputs, said plainly when it is missing."""
     if not x.is_floating_point():
@@ -166,7 +175,7 @@ def _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momen
         x_adv.requires_grad_(True)
         with torch.enable_grad():  # also when called from a no_grad evaluation loop
             objective = loss(model(x_adv), y).sum()
-            (grad,) = torch.autograd.grad(objective, x_adv)
+            grad = input_gradient(objective, x_adv)
         x_adv = x_adv.detach()
         if velocity is not None:
             grad = grad / grad.abs().mean(reduce_dims, keepdim=True).clamp_min(_TINY)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .budget import check_steps, parse_budget
-from .core import bernoulli_start, check_inputs, project, worst_of_restarts
+from .core import bernoulli_start, check_inputs, input_gradient, project, worst_of_restarts
 from .losses import margin
 
 
@@ -223,7 +223,7 @@ def _run(model, x, y, eps, sizes, weights, update, bounds, generator):
         with torch.enable_grad():  # also when called from a no_grad evaluation loop
             probs_adv = F.softmax(model(x_adv).float(), dim=1)
             objective = gama_loss(probs_adv, probs_clean, y, weight) if weight > 0 else margin(probs_adv, y)
-            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            grad = input_gradient(objective.sum(), x_adv)
         x_adv = project(update(x_adv.detach(), x, grad, size), x, eps, "linf", bounds)
     return x_adv.detach()
 

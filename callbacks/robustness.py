@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
-from torch import nn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from attacks import AttackSetting, attack_mode
+
+from .sanity import LARGE_EPS, sanity_verdicts
 
 
 def _whole_batch(batch):
@@ -32,6 +36,12 @@ def model_hash(network: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+@torch.no_grad()
+def is_randomized(network: nn.Module, x: Tensor) -> bool:
+    """True when two forward passes of the same input differ (test-time randomness)."""
+    return not torch.equal(network(x), network(x))
+
+
 class RobustnessEvaluation(pl.Callback):
     """Measure clean and robust accuracy under a configurable suite of attacks.
 
@@ -45,8 +55,21 @@ class RobustnessEvaluation(pl.Callback):
     An example counts as robust when it is classified correctly both clean and under the attack
     (AutoAttack's convention: robust accuracy can never exceed clean accuracy).
 
-    Writes ``robustness.json`` (every setting with its accuracy, counts, seed, model hash) and
-    ``robustness.md`` into the run directory, and ``robustness/<setting>`` TensorBoard scalars.
+    Randomized networks (two forward passes of one input differ) are evaluated over ``draws`` forward
+    passes of the clean and the adversarial inputs: the results give the mean accuracy over draws, its
+    standard deviation and the worst case (robust in every draw), never one forward pass. The attacks'
+    gradients then come from single draws (no EOT), and the results say so.
+
+    Resumable: each finished batch is saved under ``<run dir>/<filename>_batches/<fingerprint>/``
+    (the fingerprint covers the weights, the suite, the seed and the split); a rerun after a crash
+    loads those and attacks only the missing batches. The folder is removed once the results are written.
+
+    Sanity checks (``sanity_checks``): PGD at eps 0 and at eps 0.5 are run too, and the verdicts of
+    :func:`callbacks.sanity.sanity_verdicts` go into the results and, when one fails, the log.
+
+    Writes ``robustness.json`` (every setting with its accuracy, counts, seed, model hash, per-example
+    outcomes, sanity verdicts) and ``robustness.md`` into the run directory, and ``robustness/<setting>``
+    TensorBoard scalars.
 
     Args:
         attacks: the suite, e.g. ``[{attack: fgsm, eps: [2/255, 8/255]}, {attack: pgd, eps: 8/255,
@@ -56,23 +79,32 @@ class RobustnessEvaluation(pl.Callback):
         batch_size: evaluation batch size (default: the datamodule's eval batch size).
         limit: evaluate only the first ``limit`` examples of the split (quick looks; not for papers).
         seed: seeds every attack's random start.
+        draws: forward passes per input for randomized networks.
+        sanity_checks: run and report the sanity checks.
+        resume: reuse the saved batches of an interrupted evaluation.
         filename: stem of the JSON and markdown files.
     """
 
     def __init__(self, attacks: list[AttackSetting] | None = None, split: str = "test", after_fit: bool = False,
-                 batch_size: int | None = None, limit: int | None = None, seed: int = 0,
-                 filename: str = "robustness"):
+                 batch_size: int | None = None, limit: int | None = None, seed: int = 0, draws: int = 10,
+                 sanity_checks: bool = True, resume: bool = True, filename: str = "robustness"):
         self.attacks = [AttackSetting(**a) if isinstance(a, dict) else a for a in (attacks or [])]
         self.settings = [single for setting in self.attacks for single in setting.expand()]
         if split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 (or null for the whole split), got {limit}")
+        for name, value in (("batch_size", batch_size), ("limit", limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
+        if draws < 2:
+            raise ValueError(f"draws must be >= 2 (randomized models are never judged by one forward pass), "
+                             f"got {draws}")
         self.split, self.after_fit, self.batch_size = split, after_fit, batch_size
-        self.limit, self.seed, self.filename = limit, seed, filename
+        self.limit, self.seed, self.draws, self.filename = limit, seed, draws, filename
+        self.sanity_checks, self.resume = sanity_checks, resume
+        self.sanity_settings = [AttackSetting("pgd", eps=0.0, steps=1).expand()[0],
+                                AttackSetting("pgd", eps=LARGE_EPS, steps=20).expand()[0]] if sanity_checks else []
         self.results: dict | None = None
+        self.computed_batches: list[int] = []
 
     # ---- hooks ---------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer, pl_module):
@@ -83,11 +115,7 @@ class RobustnessEvaluation(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     # ---- the evaluation --------------------------------------------------------------------------
-    def _shard(self, trainer) -> tuple[DataLoader, int, int]:
-        """This rank's batches of the one-process batching, with their global batch indices.
-
-        Returns the loader (batches b = rank, rank + W, ...), the batch size and the split's size.
-        """
+    def _dataset(self, trainer):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_dataset"):
             raise RuntimeError("RobustnessEvaluation needs an advtrain datamodule (one with eval_dataset "
@@ -95,96 +123,177 @@ class RobustnessEvaluation(pl.Callback):
         dataset = datamodule.eval_dataset(self.split)
         if self.limit is not None and self.limit < len(dataset):
             dataset = Subset(dataset, range(self.limit))
-        batch_size = self.batch_size or getattr(datamodule, "eval_batch_size", None) or 128
-        batches = list(BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False))
-        own = batches[trainer.global_rank::trainer.world_size]
+        return dataset
+
+    def _loader(self, trainer, dataset, batches) -> DataLoader:
+        datamodule = trainer.datamodule
         inner = dataset.dataset if isinstance(dataset, Subset) else dataset
         # in-memory datasets hand out whole batches (__getitems__); file datasets go through default collate
         collate = _whole_batch if hasattr(inner, "__getitems__") else None
-        workers = getattr(datamodule, "num_workers", 0)
-        loader = DataLoader(dataset, batch_sampler=own, collate_fn=collate, num_workers=workers,
-                            pin_memory=getattr(datamodule, "pin_memory", False))
-        return loader, batch_size, len(dataset)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                          num_workers=getattr(datamodule, "num_workers", 0),
+                          pin_memory=getattr(datamodule, "pin_memory", False))
+
+    def _inputs(self, trainer, pl_module, batch):
+        prepare = getattr(pl_module, "prepare_input", lambda x: x)
+        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        x, y = trainer.datamodule.preprocess(batch, train=False)
+        return prepare(x), y
+
+    def _correct(self, network, x, y, draws: int) -> Tensor:
+        """(draws, B) bool: correct in each forward pass."""
+        with torch.no_grad():
+            return torch.stack([network(x).argmax(1) == y for _ in range(draws)])
+
+    def _evaluate_batch(self, network, x, y, batch_idx: int, draws: int) -> dict:
+        settings = self.settings + self.sanity_settings
+        clean_ok = self._correct(network, x, y, draws)
+        robust, seconds = [], []
+        for i, setting in enumerate(settings):
+            t0 = time.perf_counter()
+            generator = torch.Generator(device=x.device).manual_seed(
+                (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
+            x_adv = setting.run(network, x, y, generator=generator)
+            robust.append(clean_ok & self._correct(network, x_adv, y, draws))
+            seconds.append(time.perf_counter() - t0)
+        # (S, draws, B) -> per example: number of draws correct; per draw: number of examples correct
+        robust = torch.stack(robust) if robust else torch.zeros(0, draws, len(y), dtype=torch.bool, device=x.device)
+        return {"clean": clean_ok.sum(0).cpu(), "robust": robust.sum(1).cpu(),
+                "clean_per_draw": clean_ok.sum(1).cpu(), "robust_per_draw": robust.sum(2).cpu(),
+                "seconds": torch.tensor(seconds, dtype=torch.float64)}
+
+    def _fingerprint(self, network_hash: str, n: int, batch_size: int, draws: int) -> str:
+        key = json.dumps({"settings": [s.as_dict() for s in self.settings + self.sanity_settings],
+                          "seed": self.seed, "split": self.split, "n": n, "batch_size": batch_size,
+                          "draws": draws, "model": network_hash}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def on_batch_done(self, batch_idx: int) -> None:
+        """Called after each attacked batch has been saved (a seam for progress reporting and tests)."""
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Run the suite; return (and store in ``self.results``) the results on every rank."""
         network = pl_module.network
-        prepare = getattr(pl_module, "prepare_input", lambda x: x)
-        datamodule = trainer.datamodule
-        loader, batch_size, n_total = self._shard(trainer)
+        dataset = self._dataset(trainer)
+        n = len(dataset)
+        batch_size = self.batch_size or getattr(trainer.datamodule, "eval_batch_size", None) or 128
+        batches = list(BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False))
         rank, world = trainer.global_rank, trainer.world_size
-        device = pl_module.device
-        # per-example outcome, -1 where another rank owns the example; summed over ranks at the end
-        clean = torch.zeros(n_total, dtype=torch.int64, device=device)
-        robust = torch.zeros(len(self.settings), n_total, dtype=torch.int64, device=device)
-        timings = torch.zeros(len(self.settings), dtype=torch.float64)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
+        settings = self.settings + self.sanity_settings
+        S = len(settings)
+
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
                 trainer.precision_plugin.forward_context():
-            for k, batch in enumerate(tqdm(loader, desc="robustness", disable=not trainer.is_global_zero,
-                                           leave=False)):
-                batch_idx = rank + k * world  # the batch's index in the one-process batching
-                start = batch_idx * batch_size
-                size = len(batch[1])
-                batch = trainer.strategy.batch_to_device(batch, device)
-                x, y = datamodule.preprocess(batch, train=False)
-                x = prepare(x)
-                with torch.no_grad():
-                    clean_ok = network(x).argmax(1) == y
-                clean[start:start + size] = clean_ok.long()
-                for i, setting in enumerate(self.settings):
-                    t0 = time.perf_counter()
-                    generator = torch.Generator(device=device).manual_seed(
-                        (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
-                    x_adv = setting.run(network, x, y, generator=generator)
-                    with torch.no_grad():
-                        adv_ok = network(prepare(x_adv)).argmax(1) == y
-                    robust[i, start:start + size] = (clean_ok & adv_ok).long()
-                    timings[i] += time.perf_counter() - t0
-        clean = trainer.strategy.reduce(clean, reduce_op="sum")
-        robust = trainer.strategy.reduce(robust, reduce_op="sum")
-        timings = trainer.strategy.reduce(timings.to(device), reduce_op="sum").cpu()
-        self.results = self._summarize(trainer, pl_module, clean.cpu(), robust.cpu(), timings)
-        self._report(trainer, pl_module)
+            # every rank probes batch 0 itself, so all take the same decision without communicating
+            probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
+            randomized = is_randomized(network, probe_x)
+            draws = self.draws if randomized else 1
+            digest = model_hash(network)
+            cache = out_dir / f"{self.filename}_batches" / self._fingerprint(digest, n, batch_size, draws)
+            cache.mkdir(parents=True, exist_ok=True)
+            clean = torch.zeros(n, dtype=torch.int64)
+            robust = torch.zeros(S, n, dtype=torch.int64)
+            clean_per_draw = torch.zeros(draws, dtype=torch.int64)
+            robust_per_draw = torch.zeros(S, draws, dtype=torch.int64)
+            seconds = torch.zeros(S, dtype=torch.float64)
+            own = list(range(rank, len(batches), world))
+            todo = [b for b in own if not (self.resume and (cache / f"b{b:06d}.pt").exists())]
+            loader = self._loader(trainer, dataset, [batches[b] for b in todo])
+            for batch_idx, batch in zip(todo, tqdm(loader, desc="robustness", leave=False,
+                                                   disable=not trainer.is_global_zero)):
+                x, y = self._inputs(trainer, pl_module, batch)
+                result = self._evaluate_batch(network, x, y, batch_idx, draws)
+                torch.save(result, cache / f"b{batch_idx:06d}.pt")
+                self.computed_batches.append(batch_idx)
+                self.on_batch_done(batch_idx)
+            for batch_idx in own:
+                result = torch.load(cache / f"b{batch_idx:06d}.pt", weights_only=True)
+                index = batches[batch_idx]
+                clean[index] = result["clean"]
+                robust[:, index] = result["robust"]
+                clean_per_draw += result["clean_per_draw"]
+                robust_per_draw += result["robust_per_draw"]
+                seconds += result["seconds"]
+
+        device = pl_module.device
+        reduce = lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()  # noqa: E731
+        clean, robust, seconds = reduce(clean), reduce(robust), reduce(seconds)
+        clean_per_draw, robust_per_draw = reduce(clean_per_draw), reduce(robust_per_draw)
+        self.results = self._summarize(trainer, pl_module, settings, clean, robust, clean_per_draw,
+                                       robust_per_draw, seconds, draws, randomized, digest)
+        self._report(trainer, out_dir)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            shutil.rmtree(cache, ignore_errors=True)
         return self.results
 
-    def _summarize(self, trainer, pl_module, clean, robust, timings) -> dict:
+    @staticmethod
+    def _accuracy(per_example: Tensor, per_draw: Tensor, draws: int) -> dict:
+        n = max(len(per_example), 1)
+        per_draw_acc = per_draw.double() / n
+        return {"correct": int((per_example == draws).sum()), "n": len(per_example),
+                "accuracy": float(per_draw_acc.mean()),
+                "accuracy_std": float(per_draw_acc.std()) if draws > 1 else 0.0,
+                "accuracy_worst": float((per_example == draws).double().sum() / n)}
+
+    def _summarize(self, trainer, pl_module, settings, clean, robust, clean_per_draw, robust_per_draw, seconds,
+                   draws, randomized, digest) -> dict:
+        entries = [{**s.as_dict(), "name": s.name, **self._accuracy(r, d, draws), "seconds": round(float(t), 3),
+                    "eot_samples": 1}
+                   for s, r, d, t in zip(settings, robust, robust_per_draw, seconds)]
+        attacks, sanity_runs = entries[:len(self.settings)], entries[len(self.settings):]
+        clean_acc = self._accuracy(clean, clean_per_draw, draws)
         n = len(clean)
+        verdicts = []
+        if self.sanity_checks:
+            noise = 2 * math.sqrt(0.25 / max(n * draws, 1)) if randomized else 0.0
+            verdicts = sanity_verdicts(clean_acc["accuracy"], attacks, sanity_runs[0]["accuracy"],
+                                       sanity_runs[1]["accuracy"], tolerance=0.005 + noise)
         ckpt = getattr(trainer, "ckpt_path", None)
-        return {
-            "split": self.split,
-            "n": n,
-            "seed": self.seed,
-            "clean": {"correct": int(clean.sum()), "accuracy": float(clean.sum()) / max(n, 1)},
-            "attacks": [
-                {**s.as_dict(), "name": s.name, "correct": int(r.sum()), "n": n,
-                 "accuracy": float(r.sum()) / max(n, 1), "seconds": round(float(t), 3)}
-                for s, r, t in zip(self.settings, robust, timings)
-            ],
-            "per_example": {"clean": clean.tolist(),
-                            **{s.name: r.tolist() for s, r in zip(self.settings, robust)}},
-            "model": type(pl_module).__name__,
-            "network": type(pl_module.network).__name__,
-            "model_hash": model_hash(pl_module.network),
-            "checkpoint": str(ckpt) if ckpt else None,
-            "world_size": trainer.world_size,
-            "global_step": trainer.global_step,
+        results = {
+            "split": self.split, "n": n, "seed": self.seed,
+            "randomized": randomized, "draws": draws,
+            "clean": clean_acc,
+            "attacks": attacks,
+            "sanity": {"runs": sanity_runs, "verdicts": verdicts},
+            "per_example": {"clean": clean.tolist(), **{s.name: r.tolist() for s, r in zip(self.settings, robust)}},
+            "model": type(pl_module).__name__, "network": type(pl_module.network).__name__,
+            "model_hash": digest, "checkpoint": str(ckpt) if ckpt else None,
+            "world_size": trainer.world_size, "global_step": trainer.global_step,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if randomized:
+            results["note"] = (f"randomized network: every accuracy is over {draws} forward passes (mean, std, "
+                               "worst = robust in every draw); the attacks used single-draw gradients (no EOT), "
+                               "so these are upper bounds on robust accuracy")
+        return results
 
-    def _report(self, trainer, pl_module) -> None:
+    def _report(self, trainer, out_dir: Path) -> None:
         results = self.results
+        randomized = results["randomized"]
+
+        def cell(a):
+            text = f"{100 * a['accuracy']:.2f}"
+            return text + (f" ± {100 * a['accuracy_std']:.2f} (worst {100 * a['accuracy_worst']:.2f})"
+                           if randomized else "")
+
         lines = ["| setting | accuracy | correct / n |", "|---|---|---|",
-                 f"| clean | {100 * results['clean']['accuracy']:.2f} | {results['clean']['correct']} / "
-                 f"{results['n']} |"]
-        for a in results["attacks"]:
-            lines.append(f"| {a['name']} | {100 * a['accuracy']:.2f} | {a['correct']} / {a['n']} |")
+                 f"| clean | {cell(results['clean'])} | {results['clean']['correct']} / {results['n']} |"]
+        lines += [f"| {a['name']} | {cell(a)} | {a['correct']} / {a['n']} |" for a in results["attacks"]]
         table = "\n".join(lines)
-        rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}):\n{table}")
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
+        failed = [v for v in results["sanity"]["verdicts"] if not v["passed"]]
+        rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}"
+                       f"{', randomized: ' + str(results['draws']) + ' draws' if randomized else ''}):\n{table}")
+        for v in failed:
+            rank_zero_warn(f"sanity check {v['check']} failed: {v['detail']}. Likely cause: {v['likely_cause']}")
         if trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{self.filename}.json").write_text(json.dumps(results, indent=1))
-            (out_dir / f"{self.filename}.md").write_text(table + "\n")
+            checks = "\n".join(f"- {'ok' if v['passed'] else 'FAILED'}: {v['check']}: {v['detail']}"
+                               for v in results["sanity"]["verdicts"])
+            (out_dir / f"{self.filename}.md").write_text(table + "\n" + (f"\nSanity checks:\n{checks}\n"
+                                                                         if checks else ""))
             rank_zero_info(f"Robustness results written to {out_dir / (self.filename + '.json')}")
         if trainer.logger is not None:
             metrics = {"robustness/clean": results["clean"]["accuracy"]}

@@ -1,0 +1,94 @@
+"""Cheap sanity checks of an evaluation (Carlini et al., "On Evaluating Adversarial Robustness", 2019).
+
+Each check reads the accuracies an evaluation measured and returns a verdict; a failed check names the
+likely cause. None of them proves robustness; each failure is a sign that a number is not trustworthy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+ITERATIVE = {"bim", "pgd", "mim", "gama_pgd", "gama_fw", "autoattack"}
+LARGE_EPS = 0.5  # in [0, 1] images: any image can be turned into mid-grey, so accuracy should be ~0
+NEAR_ZERO = 0.10
+
+
+def _verdict(check: str, passed: bool, detail: str, cause: str) -> dict:
+    return {"check": check, "passed": bool(passed), "detail": detail, "likely_cause": None if passed else cause}
+
+
+def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, large_eps: float | None,
+                    tolerance: float = 0.005, transfer: list[dict] | None = None) -> list[dict]:
+    """Verdicts for one evaluation.
+
+    Args:
+        clean: clean accuracy.
+        attacks: entries with ``attack, eps, steps, restarts, norm, accuracy``.
+        eps_zero: accuracy under PGD with eps = 0 (None: not measured).
+        large_eps: accuracy under PGD at eps = 0.5 (None: not measured).
+        tolerance: slack for sampling noise (randomized models) and random starts.
+        transfer: entries ``{name, eps, accuracy, white_box_accuracy}`` of transfer attacks.
+    """
+    verdicts = []
+    if eps_zero is not None:
+        verdicts.append(_verdict(
+            "eps0_equals_clean", abs(eps_zero - clean) <= tolerance,
+            f"accuracy at eps 0: {eps_zero:.4f}, clean: {clean:.4f}",
+            "the prediction changes without a perturbation: a randomized model evaluated by single forward "
+            "passes, or inputs not in the range the attack assumes"))
+    if large_eps is not None:
+        verdicts.append(_verdict(
+            "large_eps_near_zero", large_eps <= NEAR_ZERO,
+            f"accuracy under PGD at eps {LARGE_EPS}: {large_eps:.4f} (expected <= {NEAR_ZERO})",
+            "gradient masking (zero, shattered or randomized gradients) or a wrong input range: an "
+            "unbounded-looking budget should break every model"))
+
+    families = defaultdict(list)
+    for a in attacks:
+        families[(a["attack"], a["steps"], a["restarts"], a["norm"])].append(a)
+    rising = []
+    for (attack, steps, restarts, _), runs in families.items():
+        runs = sorted(runs, key=lambda a: a["eps"])
+        for small, large in zip(runs, runs[1:]):
+            if large["accuracy"] > small["accuracy"] + tolerance:
+                rising.append(f"{attack}-{steps}x{restarts}: {small['accuracy']:.4f} at eps {small['eps']:.4g} -> "
+                              f"{large['accuracy']:.4f} at eps {large['eps']:.4g}")
+    verdicts.append(_verdict(
+        "monotone_in_eps", not rising, "; ".join(rising) or "accuracy never rises with eps",
+        "gradient masking or too few steps at the larger budgets"))
+
+    weaker = []
+    by_eps = defaultdict(list)
+    for a in attacks:
+        by_eps[(round(a["eps"], 8), a["norm"])].append(a)
+    for (eps, _), runs in by_eps.items():
+        single = [a["accuracy"] for a in runs if a["attack"] in ("fgsm", "fgsm_rs")]
+        iterative = [a["accuracy"] for a in runs if a["attack"] in ITERATIVE]
+        if single and iterative and min(iterative) > min(single) + tolerance:
+            weaker.append(f"eps {eps:.4g}: best iterative {min(iterative):.4f} > single-step {min(single):.4f}")
+    verdicts.append(_verdict(
+        "iterative_beats_single_step", not weaker, "; ".join(weaker) or "iterative attacks at least as strong",
+        "gradient masking, or an iterative attack with too small a step or too few steps"))
+
+    regress = []
+    by_attack = defaultdict(list)
+    for a in attacks:
+        by_attack[(a["attack"], round(a["eps"], 8), a["norm"])].append(a)
+    for (attack, eps, _), runs in by_attack.items():
+        runs = sorted(runs, key=lambda a: (a["steps"] * a["restarts"], a["steps"]))
+        for fewer, more in zip(runs, runs[1:]):
+            if more["accuracy"] > fewer["accuracy"] + tolerance:
+                regress.append(f"{attack} eps {eps:.4g}: {fewer['steps']}x{fewer['restarts']} -> "
+                               f"{more['steps']}x{more['restarts']} raised accuracy "
+                               f"{fewer['accuracy']:.4f} -> {more['accuracy']:.4f}")
+    verdicts.append(_verdict(
+        "more_iterations_not_weaker", not regress, "; ".join(regress) or "more steps/restarts never helped the model",
+        "randomness in the model or the attack (evaluate with more draws / EOT), or a step size that does "
+        "not fit the number of steps"))
+
+    for t in transfer or []:
+        verdicts.append(_verdict(
+            f"transfer_not_stronger[{t['name']}]", t["accuracy"] >= t["white_box_accuracy"] - tolerance,
+            f"transfer {t['accuracy']:.4f} vs white-box {t['white_box_accuracy']:.4f}",
+            "gradient masking: examples made on a surrogate fool the model more than its own gradients do"))
+    return verdicts

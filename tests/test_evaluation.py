@@ -1,0 +1,156 @@
+"""RobustnessEvaluation: randomized models, sanity checks, resumable evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from callbacks import RobustnessEvaluation
+from callbacks.sanity import sanity_verdicts
+from datamodules import Digits
+from defenses import Standard
+
+SUITE = [{"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 10}]
+
+
+class Net(nn.Module):
+    def __init__(self, dropout: float = 0.0, gradient: str = "normal", scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+        self.dropout, self.gradient, self.scale = dropout, gradient, scale
+
+    def forward(self, x):
+        x = x / self.scale
+        if self.gradient == "zero":  # same outputs, no gradient reaches the input
+            x = x.detach()
+        h = self.body(x)
+        if self.dropout:  # test-time randomness
+            h = F.dropout(h, self.dropout, training=True)
+        return self.head(h)
+
+
+@pytest.fixture(scope="module")
+def trained_net(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Standard(network=Net(), eps=0.1, val_steps=1)
+    pl.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               inference_mode=False, limit_val_batches=0).fit(model, datamodule=Digits())
+    return model.network.state_dict()
+
+
+class ScaledDigits(Digits):
+    """Digits served in [0, 255]: a wrong input range for attacks that assume [0, 1]."""
+
+    def preprocess(self, batch, train):
+        x, y = super().preprocess(batch, train)
+        return x * 255, y
+
+
+def evaluate(tmp_path, state, data=None, **kwargs):
+    net_kwargs = {k: kwargs.pop(k) for k in ("dropout", "gradient", "scale") if k in kwargs}
+    network = Net(**net_kwargs)
+    network.load_state_dict(state)
+    model = Standard(network=network, eps=0.1)
+    evaluation = RobustnessEvaluation(attacks=kwargs.pop("attacks", SUITE), **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                         default_root_dir=tmp_path, callbacks=[evaluation])
+    trainer.test(model, datamodule=data or Digits(), verbose=False)
+    return evaluation
+
+
+def failed(results):
+    return {v["check"] for v in results["sanity"]["verdicts"] if not v["passed"]}
+
+
+def test_a_normal_model_passes_every_sanity_check(tmp_path, trained_net):
+    results = evaluate(tmp_path, trained_net).results
+    assert not results["randomized"] and results["draws"] == 1
+    assert failed(results) == set()
+    checks = {v["check"] for v in results["sanity"]["verdicts"]}
+    assert checks == {"eps0_equals_clean", "large_eps_near_zero", "monotone_in_eps", "iterative_beats_single_step",
+                      "more_iterations_not_weaker"}
+    assert "sanity" in (tmp_path / "robustness.md").read_text().lower()
+
+
+def test_zero_gradients_fail_the_large_budget_check(tmp_path, trained_net):
+    with pytest.warns(UserWarning, match="large_eps_near_zero"):
+        results = evaluate(tmp_path, trained_net, gradient="zero").results
+    assert "large_eps_near_zero" in failed(results)
+    verdict = next(v for v in results["sanity"]["verdicts"] if v["check"] == "large_eps_near_zero")
+    assert "gradient masking" in verdict["likely_cause"]
+
+
+def test_a_wrong_input_range_fails_the_eps_zero_check(tmp_path, trained_net):
+    results = evaluate(tmp_path, trained_net, data=ScaledDigits(), scale=255.0).results
+    assert "eps0_equals_clean" in failed(results)
+
+
+def test_randomized_model_is_detected_and_judged_over_draws(tmp_path, trained_net):
+    evaluation = evaluate(tmp_path, trained_net, dropout=0.3, draws=6, limit=120)
+    results = evaluation.results
+    assert results["randomized"] and results["draws"] == 6 and "no EOT" in results["note"]
+    for a in results["attacks"]:
+        assert a["accuracy_worst"] <= a["accuracy"] and a["accuracy_std"] >= 0
+        assert max(results["per_example"][a["name"]]) <= 6  # per example: number of draws it survived
+    assert results["clean"]["accuracy_std"] > 0  # the draws really differ
+    # a deterministic model is not treated as randomized
+    assert not evaluate(tmp_path, trained_net, limit=120).results["randomized"]
+
+
+def test_draws_below_two_are_rejected():
+    with pytest.raises(ValueError, match="draws"):
+        RobustnessEvaluation(draws=1)
+
+
+def test_interrupted_evaluation_resumes_with_only_the_missing_batches(tmp_path, trained_net):
+    full = evaluate(tmp_path / "full", trained_net, batch_size=50).results
+
+    class Crash(RobustnessEvaluation):
+        def on_batch_done(self, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("simulated crash")
+
+    network = Net()
+    network.load_state_dict(trained_net)
+    model = Standard(network=network, eps=0.1)
+    crash = Crash(attacks=SUITE, batch_size=50)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                         default_root_dir=tmp_path / "resumed", callbacks=[crash])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.test(model, datamodule=Digits(), verbose=False)
+    assert crash.computed_batches == [0, 1, 2]
+    again = evaluate(tmp_path / "resumed", trained_net, batch_size=50)
+    assert again.computed_batches == [3, 4, 5, 6, 7]  # 360 examples in batches of 50
+    resumed = json.loads((tmp_path / "resumed" / "robustness.json").read_text())
+    assert resumed["per_example"] == full["per_example"]
+    assert [a["correct"] for a in resumed["attacks"]] == [a["correct"] for a in full["attacks"]]
+    assert not list((tmp_path / "resumed" / "robustness_batches").glob("*/*.pt"))  # cleaned up
+
+
+def entry(attack, eps, accuracy, steps=10, restarts=1):
+    return {"attack": attack, "eps": eps, "steps": steps, "restarts": restarts, "norm": "linf", "accuracy": accuracy}
+
+
+def test_each_sanity_check_fires_only_on_its_violation():
+    good = [entry("fgsm", 0.1, 0.5, steps=1), entry("pgd", 0.05, 0.6), entry("pgd", 0.1, 0.4),
+            entry("pgd", 0.1, 0.38, steps=100)]
+    assert all(v["passed"] for v in sanity_verdicts(0.9, good, 0.9, 0.0))
+    cases = {
+        "monotone_in_eps": [entry("pgd", 0.05, 0.3), entry("pgd", 0.1, 0.5)],
+        "iterative_beats_single_step": [entry("fgsm", 0.1, 0.3, steps=1), entry("pgd", 0.1, 0.5)],
+        "more_iterations_not_weaker": [entry("pgd", 0.1, 0.3, steps=10), entry("pgd", 0.1, 0.5, steps=100)],
+    }
+    for check, attacks in cases.items():
+        verdicts = {v["check"]: v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0)}
+        assert not verdicts[check]["passed"] and verdicts[check]["likely_cause"], check
+        assert all(v["passed"] for name, v in verdicts.items() if name != check), check
+    assert not next(v for v in sanity_verdicts(0.9, good, 0.7, 0.0) if v["check"] == "eps0_equals_clean")["passed"]
+    assert not next(v for v in sanity_verdicts(0.9, good, 0.9, 0.5) if v["check"] == "large_eps_near_zero")["passed"]
+    transfer = [{"name": "surrogate", "eps": 0.1, "accuracy": 0.2, "white_box_accuracy": 0.4}]
+    assert not sanity_verdicts(0.9, good, 0.9, 0.0, transfer=transfer)[-1]["passed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -34,6 +35,19 @@ def model_hash(network: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_network(template: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """A copy of ``template`` with the network weights of a Lightning checkpoint (for an EMA run, the
+    averaged weights), in eval mode."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k[len("network."):]: v for k, v in state.items() if k.startswith("network.")}
+    network = copy.deepcopy(template)
+    network.load_state_dict(weights)
+    return network.eval()
 
 
 @torch.no_grad()
@@ -81,13 +95,17 @@ class RobustnessEvaluation(pl.Callback):
         seed: seeds every attack's random start.
         draws: forward passes per input for randomized networks.
         sanity_checks: run and report the sanity checks.
+        surrogates: checkpoints of the same architecture to craft transfer attacks on (every setting of
+            the suite, evaluated on this model); the sanity checks then verify that no transfer attack is
+            stronger than the white-box one.
         resume: reuse the saved batches of an interrupted evaluation.
         filename: stem of the JSON and markdown files.
     """
 
     def __init__(self, attacks: list[AttackSetting] | None = None, split: str = "test", after_fit: bool = False,
                  batch_size: int | None = None, limit: int | None = None, seed: int = 0, draws: int = 10,
-                 sanity_checks: bool = True, resume: bool = True, filename: str = "robustness"):
+                 sanity_checks: bool = True, surrogates: list[str] | None = None, resume: bool = True,
+                 filename: str = "robustness"):
         self.attacks = [AttackSetting(**a) if isinstance(a, dict) else a for a in (attacks or [])]
         self.settings = [single for setting in self.attacks for single in setting.expand()]
         if split not in ("test", "val"):
@@ -100,7 +118,7 @@ class RobustnessEvaluation(pl.Callback):
                              f"got {draws}")
         self.split, self.after_fit, self.batch_size = split, after_fit, batch_size
         self.limit, self.seed, self.draws, self.filename = limit, seed, draws, filename
-        self.sanity_checks, self.resume = sanity_checks, resume
+        self.sanity_checks, self.resume, self.surrogates = sanity_checks, resume, list(surrogates or [])
         self.sanity_settings = [AttackSetting("pgd", eps=0.0, steps=1).expand()[0],
                                 AttackSetting("pgd", eps=LARGE_EPS, steps=20).expand()[0]] if sanity_checks else []
         self.results: dict | None = None
@@ -145,15 +163,21 @@ class RobustnessEvaluation(pl.Callback):
         with torch.no_grad():
             return torch.stack([network(x).argmax(1) == y for _ in range(draws)])
 
-    def _evaluate_batch(self, network, x, y, batch_idx: int, draws: int) -> dict:
-        settings = self.settings + self.sanity_settings
+    def _runs(self, network, surrogates) -> list[tuple[AttackSetting, nn.Module]]:
+        """(setting, network the examples are crafted on): white-box suite, transfer, sanity."""
+        runs = [(s, network) for s in self.settings]
+        runs += [(s, surrogate) for surrogate in surrogates for s in self.settings]
+        return runs + [(s, network) for s in self.sanity_settings]
+
+    def _evaluate_batch(self, network, runs, x, y, batch_idx: int, draws: int) -> dict:
         clean_ok = self._correct(network, x, y, draws)
         robust, seconds = [], []
-        for i, setting in enumerate(settings):
+        for i, (setting, source) in enumerate(runs):
             t0 = time.perf_counter()
             generator = torch.Generator(device=x.device).manual_seed(
                 (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
-            x_adv = setting.run(network, x, y, generator=generator)
+            with attack_mode(source):
+                x_adv = setting.run(source, x, y, generator=generator)
             robust.append(clean_ok & self._correct(network, x_adv, y, draws))
             seconds.append(time.perf_counter() - t0)
         # (S, draws, B) -> per example: number of draws correct; per draw: number of examples correct
@@ -164,8 +188,8 @@ class RobustnessEvaluation(pl.Callback):
 
     def _fingerprint(self, network_hash: str, n: int, batch_size: int, draws: int) -> str:
         key = json.dumps({"settings": [s.as_dict() for s in self.settings + self.sanity_settings],
-                          "seed": self.seed, "split": self.split, "n": n, "batch_size": batch_size,
-                          "draws": draws, "model": network_hash}, sort_keys=True)
+                          "surrogates": self.surrogates, "seed": self.seed, "split": self.split, "n": n,
+                          "batch_size": batch_size, "draws": draws, "model": network_hash}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def on_batch_done(self, batch_idx: int) -> None:
@@ -180,8 +204,9 @@ class RobustnessEvaluation(pl.Callback):
         batches = list(BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False))
         rank, world = trainer.global_rank, trainer.world_size
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
-        settings = self.settings + self.sanity_settings
-        S = len(settings)
+        surrogates = [load_network(network, path).to(pl_module.device) for path in self.surrogates]
+        runs = self._runs(network, surrogates)
+        S = len(runs)
 
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
                 trainer.precision_plugin.forward_context():
@@ -203,7 +228,7 @@ class RobustnessEvaluation(pl.Callback):
             for batch_idx, batch in zip(todo, tqdm(loader, desc="robustness", leave=False,
                                                    disable=not trainer.is_global_zero)):
                 x, y = self._inputs(trainer, pl_module, batch)
-                result = self._evaluate_batch(network, x, y, batch_idx, draws)
+                result = self._evaluate_batch(network, runs, x, y, batch_idx, draws)
                 torch.save(result, cache / f"b{batch_idx:06d}.pt")
                 self.computed_batches.append(batch_idx)
                 self.on_batch_done(batch_idx)
@@ -220,7 +245,7 @@ class RobustnessEvaluation(pl.Callback):
         reduce = lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()  # noqa: E731
         clean, robust, seconds = reduce(clean), reduce(robust), reduce(seconds)
         clean_per_draw, robust_per_draw = reduce(clean_per_draw), reduce(robust_per_draw)
-        self.results = self._summarize(trainer, pl_module, settings, clean, robust, clean_per_draw,
+        self.results = self._summarize(trainer, pl_module, [s for s, _ in runs], clean, robust, clean_per_draw,
                                        robust_per_draw, seconds, draws, randomized, digest)
         self._report(trainer, out_dir)
         trainer.strategy.barrier()
@@ -242,20 +267,28 @@ class RobustnessEvaluation(pl.Callback):
         entries = [{**s.as_dict(), "name": s.name, **self._accuracy(r, d, draws), "seconds": round(float(t), 3),
                     "eot_samples": 1}
                    for s, r, d, t in zip(settings, robust, robust_per_draw, seconds)]
-        attacks, sanity_runs = entries[:len(self.settings)], entries[len(self.settings):]
+        n_suite, n_transfer = len(self.settings), len(self.settings) * len(self.surrogates)
+        attacks = entries[:n_suite]
+        transfer = entries[n_suite:n_suite + n_transfer]
+        sanity_runs = entries[n_suite + n_transfer:]
+        for k, t in enumerate(transfer):
+            surrogate = self.surrogates[k // n_suite]
+            t.update(surrogate=surrogate, name=f"transfer[{Path(surrogate).stem}] {t['name']}",
+                     white_box_accuracy=attacks[k % n_suite]["accuracy"])
         clean_acc = self._accuracy(clean, clean_per_draw, draws)
         n = len(clean)
         verdicts = []
         if self.sanity_checks:
             noise = 2 * math.sqrt(0.25 / max(n * draws, 1)) if randomized else 0.0
             verdicts = sanity_verdicts(clean_acc["accuracy"], attacks, sanity_runs[0]["accuracy"],
-                                       sanity_runs[1]["accuracy"], tolerance=0.005 + noise)
+                                       sanity_runs[1]["accuracy"], tolerance=0.005 + noise, transfer=transfer)
         ckpt = getattr(trainer, "ckpt_path", None)
         results = {
             "split": self.split, "n": n, "seed": self.seed,
             "randomized": randomized, "draws": draws,
             "clean": clean_acc,
             "attacks": attacks,
+            "transfer": transfer,
             "sanity": {"runs": sanity_runs, "verdicts": verdicts},
             "per_example": {"clean": clean.tolist(), **{s.name: r.tolist() for s, r in zip(self.settings, robust)}},
             "model": type(pl_module).__name__, "network": type(pl_module.network).__name__,
@@ -280,7 +313,8 @@ class RobustnessEvaluation(pl.Callback):
 
         lines = ["| setting | accuracy | correct / n |", "|---|---|---|",
                  f"| clean | {cell(results['clean'])} | {results['clean']['correct']} / {results['n']} |"]
-        lines += [f"| {a['name']} | {cell(a)} | {a['correct']} / {a['n']} |" for a in results["attacks"]]
+        lines += [f"| {a['name']} | {cell(a)} | {a['correct']} / {a['n']} |"
+                  for a in results["attacks"] + results["transfer"]]
         table = "\n".join(lines)
         failed = [v for v in results["sanity"]["verdicts"] if not v["passed"]]
         rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}"

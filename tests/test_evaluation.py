@@ -154,3 +154,18 @@ def test_each_sanity_check_fires_only_on_its_violation():
     assert not next(v for v in sanity_verdicts(0.9, good, 0.9, 0.5) if v["check"] == "large_eps_near_zero")["passed"]
     transfer = [{"name": "surrogate", "eps": 0.1, "accuracy": 0.2, "white_box_accuracy": 0.4}]
     assert not sanity_verdicts(0.9, good, 0.9, 0.0, transfer=transfer)[-1]["passed"]
+
+
+def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path, trained_net):
+    surrogate = Net()
+    torch.manual_seed(5)
+    ckpt = tmp_path / "surrogate.ckpt"
+    torch.save({"state_dict": {f"network.{k}": v for k, v in surrogate.state_dict().items()}}, ckpt)
+    results = evaluate(tmp_path, trained_net, surrogates=[str(ckpt)]).results
+    names = [t["name"] for t in results["transfer"]]
+    assert names == [f"transfer[surrogate] {a['name']}" for a in results["attacks"]]
+    for t, a in zip(results["transfer"], results["attacks"]):
+        assert t["white_box_accuracy"] == a["accuracy"]
+        assert t["accuracy"] >= a["accuracy"]  # an untrained surrogate's examples transfer poorly
+    checks = [v for v in results["sanity"]["verdicts"] if v["check"].startswith("transfer_not_stronger")]
+    assert len(checks) == len(results["transfer"]) and all(v["passed"] for v in checks)

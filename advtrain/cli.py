@@ -4,6 +4,8 @@ subclass mode, TensorBoard under ``runs/``, and the checkpointing and evaluation
     advtrain fit  -c configs/cifar10/pgd_at.yaml
     advtrain fit  -c configs/cifar10/pgd_at.yaml --ckpt_path last      # resume the newest run
     advtrain test -c configs/cifar10/pgd_at.yaml --ckpt_path best      # or a path to a .ckpt
+    advtrain report runs/cifar10                                       # results of many runs as one table
+    advtrain transfer -c CONFIG --checkpoints A.ckpt B.ckpt --attack '{"attack": "pgd", "eps": "8/255"}'
 """
 
 from __future__ import annotations
@@ -147,6 +149,17 @@ def quiet_lightning_noise() -> None:
 
 
 def main(args=None):
+    argv = sys.argv[1:] if args is None else args
+    # report and transfer are not LightningCLI subcommands
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+        from advtrain import report
+
+        return report.main(list(argv[1:]))
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["transfer"]:
+        from advtrain import transfer
+
+        quiet_lightning_noise()
+        return transfer.main(list(argv[1:]))
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
 

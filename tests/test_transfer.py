@@ -68,3 +68,13 @@ def test_transfer_rejects_bad_input(checkpoints):
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
         transfer.main(["-c", str(ROOT / "configs/demo/standard.yaml"), "--checkpoints", str(root / "nowhere.ckpt"),
                        "--attack", ATTACK, "--limit", "10"])
+
+
+def test_advtrain_transfer_command_prints_the_matrix(checkpoints, tmp_path):
+    from cli_utils import advtrain
+
+    root, paths = checkpoints
+    proc = advtrain("transfer", "-c", ROOT / "configs/demo/standard.yaml", "--checkpoints", *paths, "--attack",
+                    ATTACK, "--limit", 50, cwd=tmp_path)
+    assert "Transfer matrix, pgd-5 eps=0.1, n=50" in proc.stdout
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("| ")]) == 3  # header + 2 rows

@@ -1,0 +1,158 @@
+"""advtrain report: one table (rows: runs, columns: clean then attack x eps) of many robustness.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from advtrain import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PGD8, FGSM8, PGD16, CW8 = "pgd-20 eps=8/255", "fgsm eps=8/255", "pgd-20 eps=16/255", "cw-20 eps=8/255"
+
+# run dir (under runs/) -> (split, clean accuracy, [(setting name, accuracy)][, n]); pgd_at has two versions, and
+# version_10 must sort after (and be newer than) version_2
+RUNS = {
+    "cifar10/ablations/mart/version_0": ("test", 0.8003, [(PGD8, 0.5211), (FGSM8, 0.5534)]),
+    "cifar10/pgd_at/version_2": ("test", 0.8412, [(FGSM8, 0.5631), (PGD8, 0.5012), (PGD16, 0.2049)]),
+    "cifar10/pgd_at/version_10": ("test", 0.8501, [(FGSM8, 0.5702), (PGD8, 0.5105)]),
+    "cifar10/trades/version_0": ("test", 0.8196, [(PGD8, 0.5307), (CW8, 0.4981)]),
+    "cifar10/standard/version_0": ("val", 0.9410, [(PGD8, 0.0)]),
+}
+
+EXPECTED = """\
+| experiment        | clean | pgd-20 eps=8/255 | fgsm eps=8/255 | pgd-20 eps=16/255 | cw-20 eps=8/255 |
+|-------------------|------:|-----------------:|---------------:|------------------:|----------------:|
+| ablations/mart    | 80.03 |            52.11 |          55.34 |                   |                 |
+| pgd_at/version_2  | 84.12 |            50.12 |          56.31 |             20.49 |                 |
+| pgd_at/version_10 | 85.01 |            51.05 |          57.02 |                   |                 |
+| trades            | 81.96 |            53.07 |                |                   |           49.81 |"""
+
+EXPECTED_LATEST = """\
+| experiment     | clean | pgd-20 eps=8/255 | fgsm eps=8/255 | cw-20 eps=8/255 |
+|----------------|------:|-----------------:|---------------:|----------------:|
+| ablations/mart | 80.03 |            52.11 |          55.34 |                 |
+| pgd_at         | 85.01 |            51.05 |          57.02 |                 |
+| trades         | 81.96 |            53.07 |                |           49.81 |"""
+
+
+def result(split: str, clean: float, attacks: list[tuple[str, float]], n: int = 10000) -> dict:
+    """A robustness.json as callbacks/robustness.py writes it (the fields the report reads, and the rest)."""
+    entries = [{"attack": name.split("-")[0].split(" ")[0], "eps": 8 / 255, "eps_label": name.split("=")[1],
+                "norm": "linf", "steps": 20, "step": 2 / 255, "restarts": 1, "name": name,
+                "correct": round(acc * n), "n": n, "accuracy": acc, "seconds": 1.0} for name, acc in attacks]
+    return {"split": split, "n": n, "seed": 0, "clean": {"correct": round(clean * n), "n": n, "accuracy": clean},
+            "attacks": entries, "transfer": [], "per_example": {}, "model": "PGDAT", "network": "ResNet",
+            "model_hash": "0123456789abcdef", "checkpoint": None, "world_size": 1, "global_step": 100,
+            "time": "2025-01-01T00:00:00+00:00"}
+
+
+def write_runs(root: Path, runs: dict = RUNS) -> Path:
+    for run, spec in runs.items():
+        (root / run).mkdir(parents=True)
+        (root / run / "robustness.json").write_text(json.dumps(result(*spec), indent=1))
+        (root / run / "robustness.md").write_text("not read\n")
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    return write_runs(tmp_path / "runs")
+
+
+def test_markdown_table_is_exact(runs):
+    assert report.markdown(*report.table(report.collect([runs / "cifar10"]))) == EXPECTED
+
+
+def test_rows_sort_by_experiment_then_version_number_and_columns_by_first_appearance(runs):
+    # the same table whatever the order or overlap of the paths given
+    paths = [runs / "cifar10/trades", runs / "cifar10/pgd_at/version_10", runs / "cifar10", runs]
+    header, body = report.table(report.collect(paths))
+    assert [row[0] for row in body] == ["ablations/mart", "pgd_at/version_2", "pgd_at/version_10", "trades"]
+    assert header == ["experiment", "clean", PGD8, FGSM8, PGD16, CW8]
+    assert body[1][1:] == pytest.approx([84.12, 50.12, 56.31, 20.49, None])
+
+
+def test_main_prints_the_table_and_writes_markdown_and_csv(runs, tmp_path, capsys):
+    md, table_csv = tmp_path / "table.md", tmp_path / "table.csv"
+    report.main([str(runs), "--markdown", str(md), "--csv", str(table_csv)])
+    assert capsys.readouterr().out == EXPECTED + "\n"
+    assert md.read_text() == EXPECTED + "\n"
+    with open(table_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["experiment", "clean", PGD8, FGSM8, PGD16, CW8],
+                    ["ablations/mart", "80.03", "52.11", "55.34", "", ""],
+                    ["pgd_at/version_2", "84.12", "50.12", "56.31", "20.49", ""],
+                    ["pgd_at/version_10", "85.01", "51.05", "57.02", "", ""],
+                    ["trades", "81.96", "53.07", "", "", "49.81"]]
+
+
+def test_latest_keeps_the_newest_version_of_each_experiment(runs, capsys):
+    report.main([str(runs / "cifar10"), "--latest"])
+    assert capsys.readouterr().out == EXPECTED_LATEST + "\n"
+
+
+def test_split_selects_results_and_names_follow_the_common_root(runs, tmp_path, capsys):
+    report.main([str(runs), "--split", "val"])
+    out, err = capsys.readouterr()
+    assert not err
+    assert out.splitlines()[2] == "| standard   | 94.10 |             0.00 |"
+    # one run given directly is named by its experiment; runs of two datasets keep the dataset in the name
+    assert [name for name, _ in report.collect([runs / "cifar10/trades/version_0"])] == ["trades"]
+    write_runs(runs, {"mnist/pgd_at/version_0": ("test", 0.99, [("pgd-40 eps=0.3", 0.93)], 1000)})
+    names = [name for name, _ in report.collect([runs], latest=True)]
+    assert names == ["cifar10/ablations/mart", "cifar10/pgd_at", "cifar10/trades", "mnist/pgd_at"]
+    # rows measured on different numbers of examples are flagged (on stderr, so stdout stays the table)
+    report.main([str(runs)])
+    assert "different numbers of examples ([1000, 10000])" in capsys.readouterr().err
+
+
+def test_errors_name_the_problem(runs, tmp_path):
+    with pytest.raises(SystemExit, match=r"nowhere does not exist"):
+        report.main([str(runs), str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no robustness.json found under .*empty; `advtrain test` writes"):
+        report.main([str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match=r"none of the 4 robustness.json files .* val split"):
+        report.main([str(runs / "cifar10/pgd_at"), str(runs / "cifar10/trades"), str(runs / "cifar10/ablations"),
+                     "--split", "val"])
+    broken = runs / "cifar10/trades/version_0/robustness.json"
+    broken.write_text('{"split": "test", "clean": ')
+    with pytest.raises(SystemExit, match=r"trades/version_0/robustness.json is not a readable robustness result"):
+        report.main([str(runs)])
+    broken.write_text(json.dumps({"split": "test", "clean": {"accuracy": 0.5}}))  # no attacks
+    with pytest.raises(SystemExit, match=r"trades/version_0/robustness.json .*KeyError: 'attacks'"):
+        report.main([str(runs)])
+
+
+def test_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "advtrain report" in out and "--latest" in out and "--csv" in out
+
+
+def test_advtrain_cli_dispatches_report(runs, capsys):
+    from advtrain import cli
+
+    cli.main(["report", str(runs), "--latest"])
+    assert capsys.readouterr().out == EXPECTED_LATEST + "\n"
+
+
+def test_advtrain_report_end_to_end(runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "advtrain", "report", str(runs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == EXPECTED + "\n"
+    proc = subprocess.run([sys.executable, "-m", "advtrain", "report", str(tmp_path / "nowhere")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "nowhere does not exist" in proc.stderr and not proc.stdout

@@ -11,6 +11,18 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from .autoattack import (
+    AUTOATTACK_VERSION,
+    EOT_DRAWS,
+    ITERATIONS,
+    RHO,
+    SQUARE_P_INIT,
+    SQUARE_QUERIES,
+    STAGES,
+    TARGET_CLASSES,
+    VERSIONS,
+    autoattack,
+)
 from .budget import check_steps, format_budget, parse_budget
 from .core import NORMS
 from .gama import gama_fw, gama_pgd
@@ -25,6 +37,7 @@ ATTACKS = {
     "mim": (mim, True, False),
     "gama_pgd": (gama_pgd, True, True),
     "gama_fw": (gama_fw, True, True),
+    "autoattack": (autoattack, False, False),
 }
 DEFAULT_STEPS = {"gama_pgd": 100, "gama_fw": 100}
 
@@ -47,7 +60,9 @@ class AttackSetting:
         step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255, gama_pgd 2 eps, i.e. 16/255
             at 8/255, divided by 10 at iterations 60 and 85; for gama_fw the Frank-Wolfe gamma, 0.5).
         restarts: random restarts, keeping each example's worst case (needs a random start).
-        norm: ``linf`` or ``l2`` (l2 for pgd only).
+        norm: ``linf`` or ``l2`` (l2 for pgd and autoattack only).
+        version: autoattack only: ``standard`` or ``rand``; None chooses ``rand`` for a randomized model
+            (the evaluation detects it) and ``standard`` otherwise.
     """
 
     attack: str = "pgd"
@@ -56,10 +71,13 @@ class AttackSetting:
     step: float | str | None = None
     restarts: int = 1
     norm: str = "linf"
+    version: str | None = None
     _eps_list: list[float] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         check_attack_name(self.attack)
+        if self.attack == "autoattack" and (self.steps is not None or self.step is not None):
+            raise ValueError("autoattack runs its official settings; steps and step cannot be set")
         budgets = self.eps if isinstance(self.eps, (list, tuple)) else [self.eps]
         if not budgets:
             raise ValueError(f"{self.attack}: eps is an empty list")
@@ -78,8 +96,10 @@ class AttackSetting:
                              "repeat the same attack; use pgd for restarts")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        if self.norm != "linf" and self.attack != "pgd":
-            raise ValueError(f"norm {self.norm!r} is supported by pgd only, not {self.attack}")
+        if self.norm != "linf" and self.attack not in ("pgd", "autoattack"):
+            raise ValueError(f"norm {self.norm!r} is supported by pgd and autoattack only, not {self.attack}")
+        if self.version is not None and (self.attack != "autoattack" or self.version not in VERSIONS):
+            raise ValueError(f"version {self.version!r}: only autoattack has versions ({', '.join(VERSIONS)})")
 
     def expand(self) -> list[AttackSetting]:
         """One setting per budget."""
@@ -97,6 +117,8 @@ class AttackSetting:
             return self.steps
         if self.attack == "bim":
             return bim_steps(self.budget)
+        if self.attack == "autoattack":
+            return ITERATIONS
         return DEFAULT_STEPS.get(self.attack, 10) if ATTACKS[self.attack][1] else 1
 
     @property
@@ -105,12 +127,12 @@ class AttackSetting:
             return float(self.step)
         eps, steps = self.budget, self.resolved_steps
         return {"fgsm": eps, "fgsm_rs": 1.25 * eps, "bim": 1 / 255, "pgd": 2.5 * eps / steps,
-                "mim": eps / steps, "gama_pgd": 2 * eps, "gama_fw": 0.5}[self.attack]
+                "mim": eps / steps, "gama_pgd": 2 * eps, "gama_fw": 0.5, "autoattack": 0.0}[self.attack]
 
     @property
     def name(self) -> str:
         """A short label such as ``pgd-20x5 linf eps=8/255``."""
-        label = self.attack
+        label = self.attack if self.version is None else f"{self.attack}-{self.version}"
         if ATTACKS[self.attack][1]:
             label += f"-{self.resolved_steps}"
         if self.restarts > 1:
@@ -120,9 +142,17 @@ class AttackSetting:
         return f"{label} eps={format_budget(self.budget)}"
 
     def as_dict(self) -> dict:
-        return {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
-                "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
-                "restarts": self.restarts}
+        entry = {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
+                 "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
+                 "restarts": self.restarts}
+        if self.attack == "autoattack":
+            version = self.version or "standard"
+            entry.update(steps=ITERATIONS, step=None, version=version, implementation=AUTOATTACK_VERSION,
+                         stages=list(STAGES[version]),
+                         settings={"iterations": ITERATIONS, "target_classes": TARGET_CLASSES,
+                                   "square_queries": SQUARE_QUERIES, "square_p_init": SQUARE_P_INIT,
+                                   "apgd_rho": RHO, "eot_draws": EOT_DRAWS if version == "rand" else 1})
+        return entry
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
             bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -137,6 +167,12 @@ class AttackSetting:
             return bim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
         if self.attack == "mim":
             return mim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
+        if self.attack == "autoattack":
+            with torch.no_grad():
+                n_classes = model(x[:1]).shape[1]
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)) if generator else 0
+            return autoattack(model, x, y, eps, norm=self.norm, version=self.version or "standard",
+                                 n_classes=n_classes, seed=seed)
         if self.attack == "gama_pgd":
             return gama_pgd(model, x, y, eps, step=step, steps=self.resolved_steps, restarts=self.restarts, **common)
         if self.attack == "gama_fw":

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def load_network(template: nn.Module, checkpoint: str | Path) -> nn.Module:
     network = copy.deepcopy(template)
     network.load_state_dict(weights)
     return network.eval()
+
+
+def with_version(setting: AttackSetting, randomized: bool) -> AttackSetting:
+    """AutoAttack's version when the config leaves it open: ``rand`` for a randomized network."""
+    if setting.attack == "autoattack" and setting.version is None:
+        return replace(setting, version="rand" if randomized else "standard")
+    return setting
 
 
 @torch.no_grad()
@@ -205,8 +213,7 @@ class RobustnessEvaluation(pl.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         surrogates = [load_network(network, path).to(pl_module.device) for path in self.surrogates]
-        runs = self._runs(network, surrogates)
-        S = len(runs)
+        S = len(self._runs(network, surrogates))
 
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
                 trainer.precision_plugin.forward_context():
@@ -214,6 +221,7 @@ class RobustnessEvaluation(pl.Callback):
             probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
             randomized = is_randomized(network, probe_x)
             draws = self.draws if randomized else 1
+            runs = [(with_version(s, randomized), source) for s, source in self._runs(network, surrogates)]
             digest = model_hash(network)
             cache = out_dir / f"{self.filename}_batches" / self._fingerprint(digest, n, batch_size, draws)
             cache.mkdir(parents=True, exist_ok=True)
@@ -290,7 +298,7 @@ class RobustnessEvaluation(pl.Callback):
             "attacks": attacks,
             "transfer": transfer,
             "sanity": {"runs": sanity_runs, "verdicts": verdicts},
-            "per_example": {"clean": clean.tolist(), **{s.name: r.tolist() for s, r in zip(self.settings, robust)}},
+            "per_example": {"clean": clean.tolist(), **{a["name"]: r.tolist() for a, r in zip(attacks, robust)}},
             "model": type(pl_module).__name__, "network": type(pl_module.network).__name__,
             "model_hash": digest, "checkpoint": str(ckpt) if ckpt else None,
             "world_size": trainer.world_size, "global_step": trainer.global_step,

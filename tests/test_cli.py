@@ -34,7 +34,7 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
     assert results["checkpoint"].endswith(".ckpt") and "best-epoch" in results["checkpoint"]
     names = [a["name"] for a in results["attacks"]]
     assert names == ["fgsm eps=0.05", "fgsm eps=0.1", "fgsm eps=0.2",
-                     "pgd-20x2 eps=0.05", "pgd-20x2 eps=0.1", "pgd-20x2 eps=0.2"]
+                     "pgd-20x2 eps=0.05", "pgd-20x2 eps=0.1", "pgd-20x2 eps=0.2", "autoattack-standard eps=0.2"]
     clean = results["clean"]["accuracy"]
     assert 0.3 < clean <= 1
     for a in results["attacks"]:
@@ -42,6 +42,8 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
         assert a["correct"] == sum(results["per_example"][a["name"]])
     pgd_acc = [a["accuracy"] for a in results["attacks"] if a["attack"] == "pgd"]
     assert pgd_acc == sorted(pgd_acc, reverse=True)
+    assert results["attacks"][-1]["accuracy"] <= pgd_acc[-1]  # AutoAttack no weaker than PGD at eps 0.2
+    assert all(v["passed"] for v in results["sanity"]["verdicts"]), results["sanity"]["verdicts"]
     assert (run / "robustness.md").read_text().startswith("| setting |")
     assert (run / "config_fit.yaml").exists() and (run / "config_test.yaml").exists()
     tags = event_tags(run)

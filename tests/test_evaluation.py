@@ -169,3 +169,32 @@ def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path,
         assert t["accuracy"] >= a["accuracy"]  # an untrained surrogate's examples transfer poorly
     checks = [v for v in results["sanity"]["verdicts"] if v["check"].startswith("transfer_not_stronger")]
     assert len(checks) == len(results["transfer"]) and all(v["passed"] for v in checks)
+
+
+def test_autoattack_in_the_suite_is_no_weaker_than_pgd_and_records_its_settings(tmp_path, trained_net):
+    suite = [{"attack": "pgd", "eps": 0.1, "steps": 50, "restarts": 3}, {"attack": "autoattack", "eps": 0.1}]
+    results = evaluate(tmp_path, trained_net, attacks=suite, limit=100).results
+    pgd_run, aa_run = results["attacks"]
+    assert aa_run["name"] == "autoattack-standard eps=0.1" and aa_run["version"] == "standard"
+    assert aa_run["stages"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa_run["settings"]["target_classes"] == 9 and aa_run["settings"]["square_queries"] == 5000
+    assert "torchattacks" in aa_run["implementation"]
+    assert aa_run["accuracy"] <= pgd_run["accuracy"]
+
+
+def test_randomized_model_gets_the_rand_autoattack(tmp_path, trained_net):
+    suite = [{"attack": "autoattack", "eps": 0.1}]
+    results = evaluate(tmp_path, trained_net, attacks=suite, dropout=0.3, draws=4, limit=40,
+                       sanity_checks=False).results
+    (aa_run,) = results["attacks"]
+    assert results["randomized"] and aa_run["version"] == "rand"
+    assert aa_run["stages"] == ["apgd-ce", "apgd-dlr"] and aa_run["settings"]["eot_draws"] == 20
+
+
+def test_autoattack_setting_rejects_what_it_cannot_honour():
+    from attacks import AttackSetting
+
+    with pytest.raises(ValueError, match="official settings"):
+        AttackSetting("autoattack", eps=0.1, steps=10)
+    with pytest.raises(ValueError, match="only autoattack has versions"):
+        AttackSetting("pgd", eps=0.1, version="rand")

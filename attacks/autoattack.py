@@ -1,0 +1,380 @@
+"""AutoAttack (Croce & Hein, ICML 2020), composed from torchattacks' APGD, APGDT, FAB and Square.
+
+The official package (fra31/auto-attack) is not on PyPI, so this module rebuilds its two evaluation
+protocols from torchattacks 3.5.1's components, with every argument written out. Settings are those
+of the official ``autoattack/autoattack.py`` (``AutoAttack.__init__`` and ``set_version``):
+
+``standard`` (deterministic models), run in this order, each attack only on the points that are
+still robust (correctly classified) after the ones before it:
+
+* APGD-CE: ``APGD(loss="ce", steps=100, n_restarts=1, eot_iter=1, rho=0.75)``.
+* APGD-T: ``APGDT(steps=100, n_restarts=1, eot_iter=1, rho=0.75)`` with 9 target classes, the 2nd
+  to 10th most likely classes at the clean input (``min(9, n_classes - 1)``).
+* FAB-T: ``FAB(multi_targeted=True, steps=100, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)``
+  with 9 target classes.
+* Square: ``Square(n_queries=5000, p_init=0.8, n_restarts=1, loss="margin", resc_schedule=False)``.
+
+``rand`` (randomized models): APGD-CE then APGD-DLR (untargeted), ``steps=100, n_restarts=1,
+rho=0.75``, each gradient the mean over ``eot_iter = eot_draws`` (20) forward/backward passes (EOT).
+
+Every component gets ``seed``, as the official code does when its ``seed`` is set. Per example the
+first successful adversarial example is kept; clean-misclassified points are never attacked and come
+back unchanged; points no attack breaks come back as the clean input (official behaviour).
+
+Why not ``torchattacks.AutoAttack``: in 3.5.1 it passes no ``steps`` to APGD, APGDT and FAB, so they
+run torchattacks' default of 10 iterations instead of 100; APGDT and FAB get ``n_classes`` and target
+``n_classes - 1`` classes (99 on a 100-class problem instead of 9); Square keeps
+``resc_schedule=True`` where the official code sets False; its default ``seed=None`` seeds every
+component from the clock; its ``MultiAttack`` checks robustness between stages with one forward pass,
+also for ``version="rand"``; and ``Attack.__call__`` switches the model to eval mode (which turns
+dropout-style randomness off, so the 'rand' version would attack a deterministic model) and
+afterwards calls ``model.train()`` on the whole model, which loses per-submodule modes.
+
+Deviations from the official protocol, and how the components are driven:
+
+* The model's mode is the caller's. Components are driven through ``forward`` (standard) or
+  ``attack_single_run`` (rand, below), never through ``Attack.__call__`` and its eval switch
+  (``__call__`` adds nothing else here: no normalization is registered). Put a deterministic
+  model in eval mode first (:func:`attacks.mode.attack_mode`); keep a randomized model's
+  randomness on for ``rand``. Every submodule's flag is restored anyway.
+* Between stages of ``rand`` a point is not judged by one forward pass (the official code does
+  use one, ``run_standard_evaluation``): it counts as robust while at least half of ``check_draws``
+  forward passes classify it correctly ("majority rule"; a tie stays robust and is attacked further).
+  The same rule decides which clean points are attacked at all. Inside a stage the same holds:
+  ``APGD.perturb`` (official and torchattacks) drops points that one clean forward pass
+  misclassifies and returns the clean input unless one draw was fooled during the run, so each
+  rand stage calls ``attack_single_run`` (seeded as ``perturb`` seeds it) on every still-robust
+  point and keeps the better of its two outputs (highest-loss iterate, last iterate some draw
+  misclassified) by the number of correct draws. A point that no stage breaks keeps the candidate
+  (clean input or a stage's output) with the fewest correct draws. The final number is not this
+  module's: the report's counts come from the same draws that selected the examples (biased toward
+  the attacker), so report a fresh several-draw evaluation of the returned ``x_adv`` (the fraction of
+  draws classified correctly, as ``callbacks/robustness.py`` does), i.e. follow the official protocol
+  of evaluating a randomized model over several runs rather than one.
+* ``standard`` keeps the official single-forward check, and warns (as the official
+  ``checks.check_randomized`` does) when two forward passes of the clean batch differ.
+* torchattacks seeds the global RNGs (``torch.random.manual_seed(seed)`` in every ``perturb``);
+  the whole run is wrapped in ``torch.random.fork_rng`` so the caller's random state is unchanged.
+  The model's own randomness (dropout) draws from the seeded global RNG, so a run is reproducible
+  given ``seed`` on a randomized model too.
+* torchattacks' FAB calls ``loss.backward()``, which accumulates gradients in the parameters; every
+  parameter's ``.grad`` is restored afterwards (the package's rule: attacks leave weight gradients
+  untouched).
+* The run is in float32 with autocast off (APGD's step-size control and FAB's projections are not
+  written for bf16); the result is returned in the input's dtype.
+* Each call attacks the batch it is given in one piece (the official code splits into ``bs=250``);
+  the caller batches. torchattacks' loops sync with the host (``.item()``, NumPy): this is an
+  evaluation attack, not a training-loop one.
+* ``standard`` needs image batches (N, C, H, W): Square samples square windows. ``rand`` (APGD only)
+  also takes other shapes, e.g. waveforms (N, 1, L), viewed as (N, 1, 1, D) for torchattacks.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .budget import check_steps, parse_budget
+from .core import check_inputs
+
+AUTOATTACK_VERSION = ("advtrain AutoAttack composition of torchattacks 3.5.1 components, "
+                      "settings of fra31/auto-attack standard/rand")
+VERSIONS = ("standard", "rand")
+STAGES = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apgd-ce", "apgd-dlr")}
+ITERATIONS = 100  # APGD, APGD-T, FAB-T (official n_iter)
+TARGET_CLASSES = 9  # APGD-T and FAB-T (official n_target_classes)
+SQUARE_QUERIES = 5000
+SQUARE_P_INIT = 0.8
+RHO = 0.75  # APGD step-size decrease threshold
+FAB_ALPHA_MAX, FAB_ETA, FAB_BETA = 0.1, 1.05, 0.9
+EOT_DRAWS = 20  # rand: gradients averaged over 20 draws
+
+_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, norm: str = "Linf",
+               version: str = "standard", n_classes: int = 10, seed: int = 0, eot_draws: int = EOT_DRAWS,
+               check_draws: int | None = None, log: Callable[[str], None] | None = None) -> Tensor:
+    """AutoAttack ``version`` ("standard" or "rand") at budget ``eps``; returns ``x_adv`` (detached).
+
+    See :func:`autoattack_run` for the arguments and the module docstring for the protocol.
+    """
+    x_adv, _ = autoattack_run(model, x, y, eps, norm=norm, version=version, n_classes=n_classes, seed=seed,
+                              eot_draws=eot_draws, check_draws=check_draws, log=log)
+    return x_adv
+
+
+def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, norm: str = "Linf",
+                   version: str = "standard", n_classes: int = 10, seed: int = 0, eot_draws: int = EOT_DRAWS,
+                   check_draws: int | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[Tensor, dict]:
+    """Run AutoAttack on one batch; return ``(x_adv, report)``.
+
+    Args:
+        model: returns logits for inputs in [0, 1]; its mode is left as the caller set it.
+        x, y: inputs in [0, 1] (N, C, H, W) and integer labels (N,).
+        eps: budget in the input's range (``8/255``, ``"8/255"``, ``0.5`` for L2).
+        norm: ``"Linf"`` or ``"L2"`` (``"linf"``, ``"l2"`` too).
+        version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square) or ``"rand"`` (APGD-CE, APGD-DLR
+            with EOT) for models whose forward pass is random.
+        n_classes: number of logits; targeted attacks use ``min(9, n_classes - 1)`` targets.
+        seed: passed to every component; all randomness of the run follows from it.
+        eot_draws: rand only: forward/backward passes averaged per gradient (official 20).
+        check_draws: rand only: forward passes that decide whether a point is still robust
+            (majority rule); defaults to ``eot_draws``.
+        log: called with one line of progress per stage.
+
+    The report is plain data for results files: ``source`` (:data:`AUTOATTACK_VERSION`),
+    ``torchattacks`` version, ``version``, ``norm``, ``eps``, ``n_classes``, ``seed``, ``eot_draws``,
+    ``check_draws``, ``robust_rule``, ``n_examples``, ``clean_correct``, ``robust`` (count after the
+    last stage), ``seconds`` and ``attacks``: per stage ``name``, ``component``, ``settings`` (every
+    argument given to the torchattacks constructor, plus ``n_target_classes`` read back from the
+    built object), ``driver`` (the torchattacks method called), ``attacked`` (points it ran on),
+    ``robust_after`` and ``seconds``. In rand mode also
+    ``correct_fraction_clean`` and per stage ``correct_fraction_after``: the mean over examples of
+    the fraction of ``check_draws`` passes classified correctly.
+    """
+    eps = parse_budget(eps, "eps")
+    ta_norm = _check_norm(norm)
+    if version not in VERSIONS:
+        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_steps(eot_draws, "eot_draws")
+    check_draws = eot_draws if check_draws is None else check_steps(check_draws, "check_draws")
+    smallest = 4 if version == "standard" else 3  # targeted DLR needs 4 logits, DLR 3
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < smallest:
+        raise ValueError(f"AutoAttack {version} needs n_classes >= {smallest} (its DLR loss compares the "
+                         f"{smallest - 1} largest other logits), got {n_classes!r}")
+    if log is not None and not callable(log):
+        raise ValueError(f"log must be a callable taking one string, got {log!r}")
+    check_inputs(x, y)
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}")
+    if version == "standard" and x.dim() != 4:
+        raise ValueError(f"AutoAttack standard needs image batches (N, C, H, W) (Square samples square "
+                         f"windows), got shape {tuple(x.shape)}; version='rand' takes other shapes")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch (N, ...), got shape {tuple(x.shape)}")
+
+    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    inputs = x.detach().to(work_dtype)
+    shape = inputs.shape
+    if inputs.dim() != 4:
+        inputs = inputs.reshape(shape[0], 1, 1, -1)
+        target: nn.Module = _Reshaped(model, shape[1:])
+    else:
+        target = model
+    y = y.detach().long()
+    randomized = version == "rand"
+    draws = check_draws if randomized else 1
+    start = time.perf_counter()
+
+    with _kept_state(model, inputs.device), torch.enable_grad(), \
+            torch.autocast(inputs.device.type, enabled=False):
+        _seed_rngs(seed, inputs.device)  # the model's own randomness (dropout) follows the seed too
+        with torch.no_grad():
+            logits = target(inputs)
+        if logits.dim() != 2 or logits.shape[1] != n_classes:
+            raise ValueError(f"the model returns logits of shape {tuple(logits.shape)}, but n_classes is "
+                             f"{n_classes}")
+        if randomized:
+            clean_frac = _correct_fraction(target, inputs, y, draws)
+            robust = 2 * clean_frac >= 1
+        else:
+            robust = logits.argmax(1) == y
+            _warn_if_randomized(target, inputs, logits)
+        report = {
+            "source": AUTOATTACK_VERSION, "torchattacks": _torchattacks_version(), "version": version,
+            "norm": ta_norm.lower(), "eps": eps, "n_classes": n_classes, "seed": seed,
+            "eot_draws": eot_draws if randomized else 1, "check_draws": draws,
+            "robust_rule": (f"correct in at least half of {draws} forward passes" if randomized
+                            else "correct in one forward pass (official)"),
+            "n_examples": int(shape[0]), "clean_correct": int(robust.sum()), "attacks": [],
+        }
+        if randomized:
+            report["correct_fraction_clean"] = float(clean_frac.mean())
+            best_frac = clean_frac.clone()
+
+        x_adv = inputs.clone()
+        for name, attack, settings in build_stages(target, eps, norm=ta_norm, version=version,
+                                                   n_classes=n_classes, seed=seed, eot_draws=eot_draws):
+            stage_start = time.perf_counter()
+            idx = robust.nonzero().flatten()
+            entry = {"name": name, "component": f"torchattacks.{type(attack).__name__}", "settings": settings,
+                     "driver": "attack_single_run, every still-robust point" if randomized else "forward",
+                     "attacked": int(idx.numel())}
+            if idx.numel() > 0:
+                attack.set_device(inputs.device)
+                if randomized:
+                    out, frac = _apgd_every_point(attack, inputs[idx], y[idx], target, draws)
+                else:
+                    out = attack.forward(inputs[idx], y[idx]).detach().to(work_dtype)
+                with torch.no_grad():
+                    if randomized:
+                        still = 2 * frac >= 1
+                        better = frac < best_frac[idx]  # broken points always qualify
+                        x_adv[idx[better]] = out[better]
+                        best_frac[idx[better]] = frac[better]
+                    else:
+                        still = target(out).argmax(1) == y[idx]
+                        x_adv[idx[~still]] = out[~still]
+                robust[idx[~still]] = False
+            entry["robust_after"] = int(robust.sum())
+            if randomized:
+                entry["correct_fraction_after"] = float(best_frac.mean())
+            entry["seconds"] = round(time.perf_counter() - stage_start, 3)
+            report["attacks"].append(entry)
+            if log is not None:
+                log(f"AutoAttack {version} {name}: {entry['robust_after']}/{shape[0]} robust "
+                    f"(attacked {entry['attacked']}, {entry['seconds']:.1f} s)")
+
+    report["robust"] = int(robust.sum())
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return x_adv.reshape(shape).to(x.dtype), report
+
+
+def build_stages(model: nn.Module, eps: float, *, norm: str = "Linf", version: str = "standard",
+                 n_classes: int = 10, seed: int = 0,
+                 eot_draws: int = EOT_DRAWS) -> list[tuple[str, object, dict]]:
+    """The torchattacks objects of one AutoAttack version: ``[(name, attack, settings), ...]``.
+
+    ``settings`` holds every constructor argument except the model, plus the number of target
+    classes read back from the built object. torchattacks derives the number of targets as
+    ``n_classes - 1``, so ``n_classes = targets + 1`` is what it is given to get
+    ``min(9, n_classes - 1)`` targets.
+    """
+    import torchattacks
+
+    norm = _check_norm(norm)
+    common = {"norm": norm, "eps": float(eps), "seed": seed, "verbose": False}
+    apgd = {**common, "steps": ITERATIONS, "n_restarts": 1, "rho": RHO}
+    if version == "rand":
+        specs = [("apgd-ce", torchattacks.APGD, {**apgd, "loss": "ce", "eot_iter": eot_draws}),
+                 ("apgd-dlr", torchattacks.APGD, {**apgd, "loss": "dlr", "eot_iter": eot_draws})]
+    elif version == "standard":
+        targets = min(TARGET_CLASSES, n_classes - 1)
+        specs = [
+            ("apgd-ce", torchattacks.APGD, {**apgd, "loss": "ce", "eot_iter": 1}),
+            ("apgd-t", torchattacks.APGDT, {**apgd, "eot_iter": 1, "n_classes": targets + 1}),
+            ("fab-t", torchattacks.FAB, {**common, "steps": ITERATIONS, "n_restarts": 1, "alpha_max": FAB_ALPHA_MAX,
+                                         "eta": FAB_ETA, "beta": FAB_BETA, "multi_targeted": True,
+                                         "n_classes": targets + 1}),
+            ("square", torchattacks.Square, {**common, "n_queries": SQUARE_QUERIES, "n_restarts": 1,
+                                             "p_init": SQUARE_P_INIT, "loss": "margin", "resc_schedule": False}),
+        ]
+    else:
+        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
+    stages = []
+    for name, cls, settings in specs:
+        attack = cls(model, **settings)
+        settings = dict(settings)
+        if hasattr(attack, "n_target_classes") and "n_classes" in settings:
+            if attack.n_target_classes != settings["n_classes"] - 1:
+                raise RuntimeError(f"torchattacks {cls.__name__} built {attack.n_target_classes} target classes, "
+                                   f"expected {settings['n_classes'] - 1}; its API has changed")
+            settings["n_target_classes"] = attack.n_target_classes
+        stages.append((name, attack, settings))
+    return stages
+
+
+def _apgd_every_point(attack, x: Tensor, y: Tensor, model: nn.Module, draws: int) -> tuple[Tensor, Tensor]:
+    """One APGD run (n_restarts = 1) on every given point of a randomized model.
+
+    ``APGD.perturb`` would first drop the points that one clean forward pass misclassifies, and return
+    the clean input for every point that no single draw misclassified during the run. Here the run
+    is seeded as ``perturb`` seeds it, ``attack_single_run`` sees all points, and each point keeps
+    whichever of its two outputs (the highest-loss iterate, and the last iterate that some draw
+    misclassified) fewer of ``draws`` forward passes classify correctly. Returns that point and its
+    fraction of correct draws."""
+    _seed_rngs(attack.seed, x.device)
+    x_best, _, _, x_fooled = attack.attack_single_run(x, y)
+    x_best, x_fooled = x_best.detach().to(x.dtype), x_fooled.detach().to(x.dtype)
+    frac_best = _correct_fraction(model, x_best, y, draws)
+    frac_fooled = _correct_fraction(model, x_fooled, y, draws)
+    take = frac_fooled < frac_best
+    out = torch.where(take.view(-1, *([1] * (x.dim() - 1))), x_fooled, x_best)
+    return out, torch.where(take, frac_fooled, frac_best)
+
+
+class _Reshaped(nn.Module):
+    """Presents a model on non-image inputs to torchattacks as one on (N, 1, 1, D) images."""
+
+    def __init__(self, model: nn.Module, sample_shape: torch.Size):
+        super().__init__()
+        self.model = model
+        self.sample_shape = tuple(sample_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.reshape(x.shape[0], *self.sample_shape))
+
+
+def _seed_rngs(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and that of ``device`` (not every GPU, as ``torch.manual_seed`` would)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def _check_norm(norm: str) -> str:
+    key = norm.lower() if isinstance(norm, str) else None
+    if key not in _NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose 'Linf' or 'L2'")
+    return _NORMS[key]
+
+
+def _correct_fraction(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
+    """Per example, the fraction of ``draws`` forward passes that classify it correctly."""
+    with torch.no_grad():
+        hits = sum((model(x).argmax(1) == y).double() for _ in range(draws))
+    return hits / draws
+
+
+def _warn_if_randomized(model: nn.Module, x: Tensor, logits: Tensor) -> None:
+    """The official ``checks.check_randomized`` rule, with two passes: predictions or L2-normalized
+    logits that differ by more than 1e-4 mean the model is random and 'standard' is the wrong version."""
+    with torch.no_grad():
+        again = model(x)
+    diff = (F.normalize(logits.float(), dim=1) - F.normalize(again.float(), dim=1)).norm(dim=1).max()
+    if not torch.equal(logits.argmax(1), again.argmax(1)) or float(diff) > 1e-4:
+        warnings.warn("two forward passes of the same inputs differ: the model looks randomized, and "
+                      "AutoAttack 'standard' judges each point by one pass; use version='rand'",
+                      RuntimeWarning, stacklevel=3)
+
+
+@contextmanager
+def _kept_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Restore afterwards what torchattacks changes: the global RNGs (it reseeds them), every
+    parameter's ``.grad`` (FAB calls ``backward()``) and every submodule's train/eval flag."""
+    devices = []
+    if device.type == "cuda":
+        devices = sorted({device.index if device.index is not None else torch.cuda.current_device(),
+                          torch.cuda.current_device()})
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = [torch.cuda.current_device()]
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, grad in grads:
+            p.grad = grad
+
+
+def _torchattacks_version() -> str:
+    import torchattacks
+
+    return str(getattr(torchattacks, "__version__", "unknown"))
+
+
+__all__ = ["AUTOATTACK_VERSION", "EOT_DRAWS", "STAGES", "VERSIONS", "autoattack", "autoattack_run", "build_stages"]

@@ -213,7 +213,6 @@ class RobustnessEvaluation(pl.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         surrogates = [load_network(network, path).to(pl_module.device) for path in self.surrogates]
-        S = len(self._runs(network, surrogates))
 
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
                 trainer.precision_plugin.forward_context():
@@ -222,6 +221,7 @@ class RobustnessEvaluation(pl.Callback):
             randomized = is_randomized(network, probe_x)
             draws = self.draws if randomized else 1
             runs = [(with_version(s, randomized), source) for s, source in self._runs(network, surrogates)]
+            S = len(runs)
             digest = model_hash(network)
             cache = out_dir / f"{self.filename}_batches" / self._fingerprint(digest, n, batch_size, draws)
             cache.mkdir(parents=True, exist_ok=True)

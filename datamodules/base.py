@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ArrayDataModule", "DatasetNotFoundError", "TensorPairDataset", "collate_batch"]
+__all__ = ["ArrayDataModule", "DatasetNotFoundError", "SplitDataModule", "TensorPairDataset", "collate_batch",
+           "to_unit_float"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -58,7 +59,41 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
         raise ValueError(f"data.{name} must be >= {minimum}, got {value}. {hint}")
 
 
-class ArrayDataModule(pl.LightningDataModule):
+class SplitDataModule(pl.LightningDataModule):
+    """What every advtrain datamodule shares: the loaders over ``train_set`` and ``eval_dataset(split)``,
+    and ``preprocess`` on the device after each transfer. Subclasses set ``train_set``, ``batch_size``,
+    ``eval_batch_size``, ``num_workers``, ``pin_memory`` and ``collate_fn`` and define ``setup``,
+    ``eval_dataset``, ``val_dataloader`` and ``preprocess``."""
+
+    collate_fn = None  # None: torch's default collate of single examples
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        # shuffle=True: under DDP Lightning replaces the sampler by a shuffling DistributedSampler.
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        return self.preprocess(batch, train=self.trainer is not None and self.trainer.training)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+                          collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+
+def to_unit_float(x: Tensor) -> Tensor:
+    """uint8 images -> float32 in [0, 1]; floating inputs keep their values."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+class ArrayDataModule(SplitDataModule):
     """Base for image datasets kept in memory as uint8 tensors (N, C, H, W) with int64 labels.
 
     Subclasses set ``name``, ``num_classes``, ``input_shape`` and ``data_folder`` and implement
@@ -101,6 +136,8 @@ class ArrayDataModule(pl.LightningDataModule):
     input_shape: tuple[int, int, int] = (0, 0, 0)
     #: What must exist inside ``root`` (named in error messages); None when no files are needed.
     data_folder: str | None = None
+
+    collate_fn = staticmethod(collate_batch)  # the dataset's __getitems__ already returns whole batches
 
     def __init__(
         self,
@@ -176,25 +213,10 @@ class ArrayDataModule(pl.LightningDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = TensorPairDataset(*self._load_checked(train=False))
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        # shuffle=True: under DDP Lightning replaces the sampler by a shuffling DistributedSampler.
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
     def val_dataloader(self) -> DataLoader | list:
         if self.val_size == 0:
             return []  # Lightning 2.6 runs zero validation batches for an empty list
         return self._loader(self.eval_dataset("val"), self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        return self.preprocess(batch, train=self.trainer is not None and self.trainer.training)
 
     # ---------------------------------------------------------------------------------------- public
 
@@ -228,8 +250,7 @@ class ArrayDataModule(pl.LightningDataModule):
         x, y = batch
         if train and (self.crop_padding > 0 or self.flip):
             x = random_crop_flip(x, self.crop_padding, self.flip)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        return x, y
+        return to_unit_float(x), y
 
     # --------------------------------------------------------------------------------------- helpers
 
@@ -249,17 +270,6 @@ class ArrayDataModule(pl.LightningDataModule):
                              f"{x.dtype} {tuple(x.shape)}")
         return x, y.long()
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            collate_fn=collate_batch,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 def random_crop_flip(x: Tensor, padding: int, flip: bool) -> Tensor:

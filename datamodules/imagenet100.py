@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
-from .base import DatasetNotFoundError, _check_int
+from .base import DatasetNotFoundError, SplitDataModule, _check_int, to_unit_float
 
 __all__ = ["CLASS_LIST_FILE", "ClassListImageFolder", "ImageNet100", "read_class_list"]
 
@@ -111,7 +110,7 @@ class ClassListImageFolder(ImageFolder):
         return new
 
 
-class ImageNet100(pl.LightningDataModule):
+class ImageNet100(SplitDataModule):
     """ImageNet-100 from ImageNet's folders: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``.
 
     The classes are the wnids in ``class_list`` (default: the bundled ``imagenet100_classes.txt``, the
@@ -241,23 +240,8 @@ class ImageNet100(pl.LightningDataModule):
         if stage in (None, "test", "predict"):
             self._test_split()
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        # shuffle=True: under DDP Lightning replaces the sampler by a shuffling DistributedSampler.
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"), self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        return self.preprocess(batch, train=self.trainer is not None and self.trainer.training)
 
     # ---------------------------------------------------------------------------------------- public
 
@@ -282,8 +266,7 @@ class ImageNet100(pl.LightningDataModule):
         the training augmentation already happened in the DataLoader workers.
         """
         x, y = batch
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        return x, y
+        return to_unit_float(x), y
 
     # --------------------------------------------------------------------------------------- helpers
 
@@ -304,13 +287,3 @@ class ImageNet100(pl.LightningDataModule):
             self.test_set = self._folder("val", self.eval_transform)
         return self.test_set
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )

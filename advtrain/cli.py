@@ -100,6 +100,17 @@ class AdvtrainCLI(LightningCLI):
         parser.add_lightning_class_args(RobustnessEvaluation, "evaluation")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
 
+    def instantiate_classes(self):
+        """Turn errors raised while building the model, data or callbacks (a missing dataset, an
+        impossible budget) into one line and exit code 2, instead of a traceback through jsonargparse."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+            reasons = [line.strip()[2:] for line in str(error).splitlines()
+                       if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+            sys.stderr.write(f"advtrain: error: {'; '.join(reasons) or error}\n")
+            sys.exit(2)
+
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.logger

@@ -20,7 +20,8 @@ import torch
 import yaml
 from torch import nn
 
-from attacks import AttackSetting, attack_mode
+from attacks import AttackSetting
+from callbacks.robustness import craft as craft_batch
 from callbacks.robustness import is_randomized, load_network, model_hash
 
 
@@ -48,11 +49,10 @@ def batches(datamodule, limit: int | None, batch_size: int, device):
 
 def craft(network: nn.Module, datamodule, setting: AttackSetting, limit, batch_size, device, seed: int) -> dict:
     xs, ys = [], []
-    with attack_mode(network):
-        for batch_idx, (x, y) in enumerate(batches(datamodule, limit, batch_size, device)):
-            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_idx)
-            xs.append(setting.run(network, x, y, generator=generator).cpu())
-            ys.append(y.cpu())
+    for batch_idx, (x, y) in enumerate(batches(datamodule, limit, batch_size, device)):
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_idx)
+        xs.append(craft_batch(setting, network, x, y, generator).cpu())
+        ys.append(y.cpu())
     return {"x_adv": torch.cat(xs), "y": torch.cat(ys), "setting": setting.as_dict()}
 
 

@@ -89,6 +89,7 @@ def projected_gradient(
     start_scale: float | None = None,
     momentum: float | None = None,
     restarts: int = 1,
+    eot: int = 1,
     bounds: tuple[float, float] = (0.0, 1.0),
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -104,11 +105,16 @@ def projected_gradient(
 
     With ``restarts > 1`` the attack runs again from new random starts and keeps, per example, the
     worst case: a misclassified result beats a correct one, then the higher loss wins.
+
+    ``eot > 1`` is expectation over transformation (Athalye et al. 2018) for randomized models: each
+    iteration's gradient is the mean of the input gradients of ``eot`` forward passes, each with its own
+    draw of the model's randomness (gradients are accumulated draw by draw, so memory stays one pass).
     """
     eps = parse_budget(eps, "eps")
     step = parse_budget(step, "step")
     check_steps(steps, "steps")
     check_steps(restarts, "restarts")
+    check_steps(eot, "eot")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if not isinstance(start, Tensor) and start not in STARTS:
@@ -117,7 +123,8 @@ def projected_gradient(
     x = x.detach()
 
     def run() -> Tensor:
-        return _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, bounds, generator)
+        return _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, eot, bounds,
+                       generator)
 
     return worst_of_restarts(model, x, y, restarts, run, loss)
 
@@ -164,7 +171,19 @@ def worst_of_restarts(model: nn.Module, x: Tensor, y: Tensor, restarts: int, run
     return best
 
 
-def _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, bounds, generator):
+def expected_input_gradient(model: nn.Module, loss: AttackLoss, x_adv: Tensor, y: Tensor, draws: int) -> Tensor:
+    """Mean over ``draws`` forward passes of d sum(loss) / d x_adv (one pass: the plain gradient)."""
+    grad = None
+    for _ in range(draws):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():  # also when called from a no_grad evaluation loop
+            g = input_gradient(loss(model(x_adv), y).sum(), x_adv)
+        grad = g if grad is None else grad + g
+    x_adv.requires_grad_(False)
+    return grad if draws == 1 else grad / draws
+
+
+def _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momentum, eot, bounds, generator):
     if isinstance(start, Tensor):
         x_adv = project(start.detach().to(x.dtype), x, eps, norm, bounds)
     else:
@@ -172,10 +191,7 @@ def _ascend(model, x, y, eps, step, steps, norm, loss, start, start_scale, momen
     velocity = torch.zeros_like(x) if momentum is not None else None
     reduce_dims = tuple(range(1, x.dim()))
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():  # also when called from a no_grad evaluation loop
-            objective = loss(model(x_adv), y).sum()
-            grad = input_gradient(objective, x_adv)
+        grad = expected_input_gradient(model, loss, x_adv, y, eot)
         x_adv = x_adv.detach()
         if velocity is not None:
             grad = grad / grad.abs().mean(reduce_dims, keepdim=True).clamp_min(_TINY)

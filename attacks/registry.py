@@ -40,6 +40,11 @@ ATTACKS = {
     "autoattack": (autoattack, False, False),
 }
 DEFAULT_STEPS = {"gama_pgd": 100, "gama_fw": 100}
+EOT_ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd", "mim")
+# The backward of sign() an attack may use on a binary (XNOR) network (defensive tensorization, Table 4);
+# networks.binary implements them.
+SIGN_SURROGATES = ("ste", "tanh", "tanh0.75")
+KURAKIN = "kurakin"  # steps: floor(min(eps + 4, 1.25 eps)) iterations, eps in 1/255 units (Kurakin et al. 2017)
 
 
 def check_attack_name(name: str) -> str:
@@ -56,22 +61,33 @@ class AttackSetting:
         attack: one of ``fgsm``, ``fgsm_rs``, ``bim``, ``pgd``, ``mim``, ``gama_pgd``, ``gama_fw``.
         eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into
             one setting per budget (:meth:`expand`).
-        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100).
+        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100), or
+            ``kurakin`` for Kurakin's count floor(min(eps + 4, 1.25 eps)) (eps in 1/255) with any attack.
         step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255, gama_pgd 2 eps, i.e. 16/255
             at 8/255, divided by 10 at iterations 60 and 85; for gama_fw the Frank-Wolfe gamma, 0.5).
         restarts: random restarts, keeping each example's worst case (needs a random start).
         norm: ``linf`` or ``l2`` (l2 for pgd and autoattack only).
         version: autoattack only: ``standard`` or ``rand``; None chooses ``rand`` for a randomized model
             (the evaluation detects it) and ``standard`` otherwise.
+        eot: expectation over transformation for randomized models: each gradient is the mean over this
+            many forward passes (fgsm, fgsm_rs, bim, pgd, mim; AutoAttack ``rand`` has its own, 20).
+        omniscient: craft the examples on the network with its randomness off (Tucker theta = 1, the full
+            weights), then test them on the randomized network (defensive tensorization, Table 3). The
+            evaluation applies it (``networks.randomness_off``).
+        surrogate: for binary (XNOR) networks, the backward of sign() the attack uses: ``ste`` (identity
+            clipped to [-1, 1], as in training), ``tanh`` or ``tanh0.75`` (Table 4). Applied by the evaluation.
     """
 
     attack: str = "pgd"
     eps: float | str | list[float | str] = "8/255"
-    steps: int | None = None
+    steps: int | str | None = None
     step: float | str | None = None
     restarts: int = 1
     norm: str = "linf"
     version: str | None = None
+    eot: int = 1
+    omniscient: bool = False
+    surrogate: str | None = None
     _eps_list: list[float] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -85,7 +101,11 @@ class AttackSetting:
         if self.step is not None:
             self.step = parse_budget(self.step, f"{self.attack} step")
         _, takes_steps, random = ATTACKS[self.attack]
-        if self.steps is not None:
+        if self.steps == KURAKIN and self.attack in ("bim", "pgd", "mim"):
+            pass
+        elif isinstance(self.steps, str):
+            raise ValueError(f"{self.attack} steps: an integer, or '{KURAKIN}' for bim/pgd/mim, got {self.steps!r}")
+        elif self.steps is not None:
             check_steps(self.steps, f"{self.attack} steps")
             if not takes_steps and self.steps != 1:
                 raise ValueError(f"{self.attack} is single-step (steps must be 1 or unset); use bim or "
@@ -98,6 +118,12 @@ class AttackSetting:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if self.norm != "linf" and self.attack not in ("pgd", "autoattack"):
             raise ValueError(f"norm {self.norm!r} is supported by pgd and autoattack only, not {self.attack}")
+        check_steps(self.eot, f"{self.attack} eot")
+        if self.eot > 1 and self.attack not in EOT_ATTACKS:
+            raise ValueError(f"eot is supported by {', '.join(EOT_ATTACKS)}; {self.attack} has none (autoattack: "
+                             "use version 'rand', which averages 20 draws)")
+        if self.surrogate is not None and self.surrogate not in SIGN_SURROGATES:
+            raise ValueError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SIGN_SURROGATES)}")
         if self.version is not None and (self.attack != "autoattack" or self.version not in VERSIONS):
             raise ValueError(f"version {self.version!r}: only autoattack has versions ({', '.join(VERSIONS)})")
 
@@ -113,6 +139,8 @@ class AttackSetting:
 
     @property
     def resolved_steps(self) -> int:
+        if self.steps == KURAKIN:
+            return bim_steps(self.budget)
         if self.steps is not None:
             return self.steps
         if self.attack == "bim":
@@ -139,12 +167,19 @@ class AttackSetting:
             label += f"x{self.restarts}"
         if self.norm != "linf":
             label += f" {self.norm}"
+        if self.eot > 1:
+            label += f" eot{self.eot}"
+        if self.omniscient:
+            label += " omniscient"
+        if self.surrogate is not None:
+            label += f" sign'={self.surrogate}"
         return f"{label} eps={format_budget(self.budget)}"
 
     def as_dict(self) -> dict:
         entry = {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
                  "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
-                 "restarts": self.restarts}
+                 "restarts": self.restarts, "eot_samples": self.eot, "omniscient": self.omniscient,
+                 "surrogate": self.surrogate}
         if self.attack == "autoattack":
             version = self.version or "standard"
             entry.update(steps=ITERATIONS, step=None, version=version, implementation=AUTOATTACK_VERSION,
@@ -152,6 +187,7 @@ class AttackSetting:
                          settings={"iterations": ITERATIONS, "target_classes": TARGET_CLASSES,
                                    "square_queries": SQUARE_QUERIES, "square_p_init": SQUARE_P_INIT,
                                    "apgd_rho": RHO, "eot_draws": EOT_DRAWS if version == "rand" else 1})
+            entry["eot_samples"] = EOT_DRAWS if version == "rand" else 1
         return entry
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
@@ -159,6 +195,8 @@ class AttackSetting:
         """Generate adversarial examples for one batch (the caller sets the model's mode)."""
         eps, step = self.budget, self.resolved_step
         common = dict(bounds=bounds, generator=generator)
+        if self.attack in EOT_ATTACKS:
+            common["eot"] = self.eot
         if self.attack == "fgsm":
             return fgsm(model, x, y, eps, **common)
         if self.attack == "fgsm_rs":

@@ -13,19 +13,20 @@ from .losses import AttackLoss, cross_entropy
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, loss: AttackLoss = cross_entropy,
-         bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
-    """FGSM (Goodfellow et al. 2015): x + eps * sign(grad_x L), clipped to the box."""
-    return projected_gradient(model, x, y, eps=eps, step=eps, steps=1, loss=loss, bounds=bounds)
+         eot: int = 1, bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
+    """FGSM (Goodfellow et al. 2015): x + eps * sign(grad_x L), clipped to the box. Every attack here takes
+    ``eot``: the gradient averaged over that many draws of a randomized model (see ``projected_gradient``)."""
+    return projected_gradient(model, x, y, eps=eps, step=eps, steps=1, loss=loss, eot=eot, bounds=bounds)
 
 
 def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str | None = None,
-            loss: AttackLoss = cross_entropy, bounds: tuple[float, float] = (0.0, 1.0),
+            loss: AttackLoss = cross_entropy, eot: int = 1, bounds: tuple[float, float] = (0.0, 1.0),
             generator: torch.Generator | None = None) -> Tensor:
     """FGSM with a uniform random start and a step of 1.25 eps (Wong et al. 2020, 'Fast is better
     than free'); the result is projected back onto the eps-ball."""
     eps = parse_budget(eps)
     step = 1.25 * eps if step is None else step
-    return projected_gradient(model, x, y, eps=eps, step=step, steps=1, start="uniform", loss=loss,
+    return projected_gradient(model, x, y, eps=eps, step=step, steps=1, start="uniform", loss=loss, eot=eot,
                               bounds=bounds, generator=generator)
 
 
@@ -36,34 +37,34 @@ def bim_steps(eps: float) -> int:
 
 
 def bim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str = 1 / 255,
-        steps: int | None = None, loss: AttackLoss = cross_entropy, bounds: tuple[float, float] = (0.0, 1.0),
-        generator: torch.Generator | None = None) -> Tensor:
+        steps: int | None = None, loss: AttackLoss = cross_entropy, eot: int = 1,
+        bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
     """BIM / I-FGSM (Kurakin et al. 2017): FGSM repeated with clipping, no random start. Defaults are
     the defensive-tensorization paper's: step 1/255, ``bim_steps(eps)`` iterations."""
     eps = parse_budget(eps)
     steps = bim_steps(eps) if steps is None else steps
-    return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, loss=loss, bounds=bounds)
+    return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, loss=loss, eot=eot, bounds=bounds)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: AttackLoss = cross_entropy, bounds: tuple[float, float] = (0.0, 1.0),
+        loss: AttackLoss = cross_entropy, eot: int = 1, bounds: tuple[float, float] = (0.0, 1.0),
         generator: torch.Generator | None = None) -> Tensor:
     """PGD (Madry et al. 2018): BIM from a uniform random start in the ball, Linf or L2, with
     restarts that keep each example's worst case. Step defaults to 2.5 eps / steps."""
     eps = parse_budget(eps)
     step = 2.5 * eps / steps if step is None else step
     return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, norm=norm, loss=loss,
-                              start="uniform" if random_start else "zero", restarts=restarts,
+                              start="uniform" if random_start else "zero", restarts=restarts, eot=eot,
                               bounds=bounds, generator=generator)
 
 
 def mim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str | None = None,
-        steps: int = 10, decay: float = 1.0, loss: AttackLoss = cross_entropy,
+        steps: int = 10, decay: float = 1.0, loss: AttackLoss = cross_entropy, eot: int = 1,
         bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
     """MIM (Dong et al. 2018): signed steps along a momentum of L1-normalized gradients, decay 1.0,
     no random start (as torchattacks.MIFGSM). Step defaults to eps / steps."""
     eps = parse_budget(eps)
     step = eps / steps if step is None else step
-    return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, momentum=decay, loss=loss,
+    return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, momentum=decay, loss=loss, eot=eot,
                               bounds=bounds)

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from attacks import AttackSetting, attack_mode
+from networks.tucker import is_tensorized, randomness_off
 
 from .sanity import LARGE_EPS, sanity_verdicts
 
@@ -58,6 +60,22 @@ def with_version(setting: AttackSetting, randomized: bool) -> AttackSetting:
     return setting
 
 
+def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,
+          generator: torch.Generator | None = None) -> Tensor:
+    """Adversarial examples for one batch under ``setting``'s threat model: BatchNorm and dropout in eval
+    mode, the network's randomness off for an omniscient attacker (Tucker theta = 1), and the chosen
+    surrogate gradient of sign() for binary layers."""
+    with ExitStack() as stack:
+        stack.enter_context(attack_mode(source))
+        if setting.omniscient:
+            stack.enter_context(randomness_off(source))
+        if setting.surrogate is not None:
+            from networks.binary import sign_surrogate  # TODO(top-level import once networks.binary lands)
+
+            stack.enter_context(sign_surrogate(source, setting.surrogate))
+        return setting.run(source, x, y, generator=generator)
+
+
 @torch.no_grad()
 def is_randomized(network: nn.Module, x: Tensor) -> bool:
     """True when two forward passes of the same input differ (test-time randomness)."""
@@ -75,12 +93,18 @@ class RobustnessEvaluation(pl.Callback):
     example for example.
 
     An example counts as robust when it is classified correctly both clean and under the attack
-    (AutoAttack's convention: robust accuracy can never exceed clean accuracy).
+    (AutoAttack's convention: robust accuracy can never exceed clean accuracy). For a randomized network
+    each draw counts as robust when it classifies the adversarial input correctly (the clean forward is
+    another, independent draw).
 
     Randomized networks (two forward passes of one input differ) are evaluated over ``draws`` forward
     passes of the clean and the adversarial inputs: the results give the mean accuracy over draws, its
-    standard deviation and the worst case (robust in every draw), never one forward pass. The attacks'
-    gradients then come from single draws (no EOT), and the results say so.
+    standard deviation and the worst case (robust in every draw), never one forward pass. Each setting
+    records its ``eot_samples``; a setting whose gradients came from single draws (no EOT) on a randomized
+    network is marked so in the JSON (``single_draw_gradient``), the markdown and the note. For a
+    tensorized randomized network with ``sanity_checks``, every suite setting is also crafted on the same
+    network at theta = 1 (the omniscient attacker) as a transfer row, and the sanity checks verify that
+    this transfer attack is not stronger than the white-box one.
 
     Resumable: each finished batch is saved under ``<run dir>/<filename>_batches/<fingerprint>/``
     (the fingerprint covers the weights, the suite, the seed and the split); a rerun after a crash
@@ -171,11 +195,21 @@ class RobustnessEvaluation(pl.Callback):
         with torch.no_grad():
             return torch.stack([network(x).argmax(1) == y for _ in range(draws)])
 
-    def _runs(self, network, surrogates) -> list[tuple[AttackSetting, nn.Module]]:
-        """(setting, network the examples are crafted on): white-box suite, transfer, sanity."""
+    def _runs(self, network, surrogates, theta_one: bool) -> tuple[list[tuple[AttackSetting, nn.Module]], list]:
+        """(setting, network the examples are crafted on) for the white-box suite, the transfer attacks from
+        each surrogate and from the same network at theta = 1 (``theta_one``; settings that are already
+        omniscient are that attack), and the sanity runs; plus, per transfer run, (source, label, index of
+        the white-box setting it is compared with)."""
         runs = [(s, network) for s in self.settings]
-        runs += [(s, surrogate) for surrogate in surrogates for s in self.settings]
-        return runs + [(s, network) for s in self.sanity_settings]
+        transfer = []
+        for path, surrogate in zip(self.surrogates, surrogates, strict=True):
+            runs += [(s, surrogate) for s in self.settings]
+            transfer += [(path, Path(path).stem, j) for j in range(len(self.settings))]
+        if theta_one:
+            indices = [j for j, s in enumerate(self.settings) if not s.omniscient]
+            runs += [(replace(self.settings[j], omniscient=True), network) for j in indices]
+            transfer += [("theta=1 (same network, randomness off)", "theta=1", j) for j in indices]
+        return runs + [(s, network) for s in self.sanity_settings], transfer
 
     def _evaluate_batch(self, network, runs, x, y, batch_idx: int, draws: int) -> dict:
         clean_ok = self._correct(network, x, y, draws)
@@ -184,9 +218,12 @@ class RobustnessEvaluation(pl.Callback):
             t0 = time.perf_counter()
             generator = torch.Generator(device=x.device).manual_seed(
                 (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
-            with attack_mode(source):
-                x_adv = setting.run(source, x, y, generator=generator)
-            robust.append(clean_ok & self._correct(network, x_adv, y, draws))
+            x_adv = craft(setting, source, x, y, generator)
+            adv_ok = self._correct(network, x_adv, y, draws)
+            # Deterministic: robust = correct clean and attacked. Randomized: the clean and the attacked forward
+            # are independent draws, so requiring both would count the randomness twice (accuracy at eps 0
+            # would fall below clean accuracy); a draw counts as robust when it classifies x_adv correctly.
+            robust.append(adv_ok if draws > 1 else clean_ok & adv_ok)
             seconds.append(time.perf_counter() - t0)
         # (S, draws, B) -> per example: number of draws correct; per draw: number of examples correct
         robust = torch.stack(robust) if robust else torch.zeros(0, draws, len(y), dtype=torch.bool, device=x.device)
@@ -220,7 +257,9 @@ class RobustnessEvaluation(pl.Callback):
             probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
             randomized = is_randomized(network, probe_x)
             draws = self.draws if randomized else 1
-            runs = [(with_version(s, randomized), source) for s, source in self._runs(network, surrogates)]
+            theta_one = randomized and self.sanity_checks and is_tensorized(network)
+            runs, transfer_sources = self._runs(network, surrogates, theta_one)
+            runs = [(with_version(s, randomized), source) for s, source in runs]
             S = len(runs)
             digest = model_hash(network)
             cache = out_dir / f"{self.filename}_batches" / self._fingerprint(digest, n, batch_size, draws)
@@ -254,7 +293,7 @@ class RobustnessEvaluation(pl.Callback):
         clean, robust, seconds = reduce(clean), reduce(robust), reduce(seconds)
         clean_per_draw, robust_per_draw = reduce(clean_per_draw), reduce(robust_per_draw)
         self.results = self._summarize(trainer, pl_module, [s for s, _ in runs], clean, robust, clean_per_draw,
-                                       robust_per_draw, seconds, draws, randomized, digest)
+                                       robust_per_draw, seconds, draws, randomized, transfer_sources, digest)
         self._report(trainer, out_dir)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -271,18 +310,19 @@ class RobustnessEvaluation(pl.Callback):
                 "accuracy_worst": float((per_example == draws).double().sum() / n)}
 
     def _summarize(self, trainer, pl_module, settings, clean, robust, clean_per_draw, robust_per_draw, seconds,
-                   draws, randomized, digest) -> dict:
-        entries = [{**s.as_dict(), "name": s.name, **self._accuracy(r, d, draws), "seconds": round(float(t), 3),
-                    "eot_samples": 1}
+                   draws, randomized, transfer_sources, digest) -> dict:
+        entries = [{**s.as_dict(), "name": s.name, **self._accuracy(r, d, draws), "seconds": round(float(t), 3)}
                    for s, r, d, t in zip(settings, robust, robust_per_draw, seconds)]
-        n_suite, n_transfer = len(self.settings), len(self.settings) * len(self.surrogates)
+        if randomized:
+            for e in entries:
+                e["single_draw_gradient"] = e["eot_samples"] == 1 and not e["omniscient"]
+        n_suite, n_transfer = len(self.settings), len(transfer_sources)
         attacks = entries[:n_suite]
         transfer = entries[n_suite:n_suite + n_transfer]
         sanity_runs = entries[n_suite + n_transfer:]
-        for k, t in enumerate(transfer):
-            surrogate = self.surrogates[k // n_suite]
-            t.update(surrogate=surrogate, name=f"transfer[{Path(surrogate).stem}] {t['name']}",
-                     white_box_accuracy=attacks[k % n_suite]["accuracy"])
+        for t, (source, label, j) in zip(transfer, transfer_sources, strict=True):
+            t.update(surrogate=source, name=f"transfer[{label}] {attacks[j]['name']}",
+                     white_box_accuracy=attacks[j]["accuracy"])
         clean_acc = self._accuracy(clean, clean_per_draw, draws)
         n = len(clean)
         verdicts = []
@@ -305,9 +345,12 @@ class RobustnessEvaluation(pl.Callback):
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if randomized:
+            no_eot = [a["name"] for a in attacks if a["single_draw_gradient"]]
             results["note"] = (f"randomized network: every accuracy is over {draws} forward passes (mean, std, "
-                               "worst = robust in every draw); the attacks used single-draw gradients (no EOT), "
-                               "so these are upper bounds on robust accuracy")
+                               "worst = robust in every draw)." +
+                               (f" These settings attacked with single-draw gradients (no EOT), so they are upper "
+                                f"bounds on robust accuracy: {', '.join(no_eot)}" if no_eot else
+                                " Every attack averaged its gradients over draws (EOT)."))
         return results
 
     def _report(self, trainer, out_dir: Path) -> None:
@@ -321,9 +364,9 @@ class RobustnessEvaluation(pl.Callback):
 
         lines = ["| setting | accuracy | correct / n |", "|---|---|---|",
                  f"| clean | {cell(results['clean'])} | {results['clean']['correct']} / {results['n']} |"]
-        lines += [f"| {a['name']} | {cell(a)} | {a['correct']} / {a['n']} |"
-                  for a in results["attacks"] + results["transfer"]]
-        table = "\n".join(lines)
+        lines += [f"| {a['name']}{' (no EOT)' if a.get('single_draw_gradient') else ''} | {cell(a)} | "
+                  f"{a['correct']} / {a['n']} |" for a in results["attacks"] + results["transfer"]]
+        table = "\n".join(lines) + (f"\n\n{results['note']}" if "note" in results else "")
         failed = [v for v in results["sanity"]["verdicts"] if not v["passed"]]
         rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}"
                        f"{', randomized: ' + str(results['draws']) + ' draws' if randomized else ''}):\n{table}")

@@ -27,7 +27,7 @@ class DefenseOutput(NamedTuple):
 
 def num_classes_of(network: nn.Module) -> int:
     head = getattr(network, "head", None)
-    if isinstance(head, nn.Linear):
+    if isinstance(getattr(head, "out_features", None), int):  # nn.Linear, or its Tucker / binary versions
         return head.out_features
     if hasattr(network, "num_classes"):
         return int(network.num_classes)

@@ -10,6 +10,7 @@ from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
+from .tucker import Tensorized, TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off, tensorize
 from .wide_resnet import WideResNet
 
 # Per-channel statistics of the training sets, in [0, 1] units.
@@ -31,6 +32,13 @@ __all__ = [
     "Normalize",
     "PreActResNet18",
     "ResNet18",
+    "Tensorized",
     "TorchvisionNet",
+    "TuckerConv",
+    "TuckerLinear",
     "WideResNet",
+    "is_tensorized",
+    "keep_probability",
+    "randomness_off",
+    "tensorize",
 ]

@@ -51,7 +51,8 @@ def craft(network: nn.Module, datamodule, setting: AttackSetting, limit, batch_s
     xs, ys = [], []
     for batch_idx, (x, y) in enumerate(batches(datamodule, limit, batch_size, device)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_idx)
-        xs.append(craft_batch(setting, network, x, y, generator).cpu())
+        xs.append(craft_batch(setting, network, x, y, generator,
+                              tuple(getattr(datamodule, "input_bounds", (0.0, 1.0)))).cpu())
         ys.append(y.cpu())
     return {"x_adv": torch.cat(xs), "y": torch.cat(ys), "setting": setting.as_dict()}
 

@@ -206,6 +206,9 @@ class AttackSetting:
         if self.attack == "mim":
             return mim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
         if self.attack == "autoattack":
+            if tuple(bounds) != (0.0, 1.0):
+                raise ValueError(f"autoattack (torchattacks' components) clamps inputs to [0, 1]; this data lives "
+                                 f"in {list(bounds)}. Use pgd/gama_pgd for it.")
             with torch.no_grad():
                 n_classes = model(x[:1]).shape[1]
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)) if generator else 0

@@ -61,7 +61,7 @@ def with_version(setting: AttackSetting, randomized: bool) -> AttackSetting:
 
 
 def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,
-          generator: torch.Generator | None = None) -> Tensor:
+          generator: torch.Generator | None = None, bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Adversarial examples for one batch under ``setting``'s threat model: BatchNorm and dropout in eval
     mode, the network's randomness off for an omniscient attacker (Tucker theta = 1), and the chosen
     surrogate gradient of sign() for binary layers."""
@@ -73,7 +73,7 @@ def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,
             from networks.binary import sign_surrogate  # TODO(top-level import once networks.binary lands)
 
             stack.enter_context(sign_surrogate(source, setting.surrogate))
-        return setting.run(source, x, y, generator=generator)
+        return setting.run(source, x, y, generator=generator, bounds=bounds)
 
 
 @torch.no_grad()
@@ -151,10 +151,18 @@ class RobustnessEvaluation(pl.Callback):
         self.split, self.after_fit, self.batch_size = split, after_fit, batch_size
         self.limit, self.seed, self.draws, self.filename = limit, seed, draws, filename
         self.sanity_checks, self.resume, self.surrogates = sanity_checks, resume, list(surrogates or [])
-        self.sanity_settings = [AttackSetting("pgd", eps=0.0, steps=1).expand()[0],
-                                AttackSetting("pgd", eps=LARGE_EPS, steps=20).expand()[0]] if sanity_checks else []
+        self.bounds = (0.0, 1.0)  # the datamodule's input range, read when the evaluation runs
+        self.sanity_settings = self._sanity_settings()
         self.results: dict | None = None
         self.computed_batches: list[int] = []
+
+    def _sanity_settings(self) -> list[AttackSetting]:
+        """PGD at eps 0 and at half the input range (0.5 for [0, 1] images, 1.0 for [-1, 1] audio)."""
+        if not self.sanity_checks:
+            return []
+        large = LARGE_EPS * (self.bounds[1] - self.bounds[0])
+        return [AttackSetting("pgd", eps=0.0, steps=1).expand()[0],
+                AttackSetting("pgd", eps=large, steps=20).expand()[0]]
 
     # ---- hooks ---------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer, pl_module):
@@ -218,7 +226,7 @@ class RobustnessEvaluation(pl.Callback):
             t0 = time.perf_counter()
             generator = torch.Generator(device=x.device).manual_seed(
                 (self.seed * 1_000_003 + i) * 1_000_003 + batch_idx)
-            x_adv = craft(setting, source, x, y, generator)
+            x_adv = craft(setting, source, x, y, generator, self.bounds)
             adv_ok = self._correct(network, x_adv, y, draws)
             # Deterministic: robust = correct clean and attacked. Randomized: the clean and the attacked forward
             # are independent draws, so requiring both would count the randomness twice (accuracy at eps 0
@@ -244,6 +252,8 @@ class RobustnessEvaluation(pl.Callback):
         """Run the suite; return (and store in ``self.results``) the results on every rank."""
         network = pl_module.network
         dataset = self._dataset(trainer)
+        self.bounds = tuple(float(b) for b in getattr(trainer.datamodule, "input_bounds", (0.0, 1.0)))
+        self.sanity_settings = self._sanity_settings()
         n = len(dataset)
         batch_size = self.batch_size or getattr(trainer.datamodule, "eval_batch_size", None) or 128
         batches = list(BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False))

@@ -39,7 +39,7 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     if large_eps is not None:
         verdicts.append(_verdict(
             "large_eps_near_zero", large_eps <= NEAR_ZERO,
-            f"accuracy under PGD at eps {LARGE_EPS}: {large_eps:.4f} (expected <= {NEAR_ZERO})",
+            f"accuracy under PGD at eps {LARGE_EPS} of the input range: {large_eps:.4f} (expected <= {NEAR_ZERO})",
             "gradient masking (zero, shattered or randomized gradients) or a wrong input range: an "
             "unbounded-looking budget should break every model"))
 

@@ -66,6 +66,7 @@ class SplitDataModule(pl.LightningDataModule):
     ``eval_dataset``, ``val_dataloader`` and ``preprocess``."""
 
     collate_fn = None  # None: torch's default collate of single examples
+    input_bounds = (0.0, 1.0)  # the natural input range: attacks clamp to it (audio: (-1, 1))
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

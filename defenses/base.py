@@ -135,6 +135,12 @@ class AdversarialDefense(pl.LightningModule):
             self.log("train/acc_clean", self.train_acc_clean, on_step=True, on_epoch=True, prog_bar=True)
         return out.loss
 
+    @property
+    def input_bounds(self) -> tuple[float, float]:
+        """The datamodule's natural input range (attacks clamp to it): [0, 1] images, [-1, 1] audio."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return tuple(getattr(datamodule, "input_bounds", (0.0, 1.0)))
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         x = self.prepare_input(x)
@@ -142,14 +148,14 @@ class AdversarialDefense(pl.LightningModule):
         # the evaluation loop runs under no_grad (trainer.inference_mode must be False)
         with torch.enable_grad(), attack_mode(self.network):
             generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
-            x_adv = self.val_setting.run(self.network, x, y, generator=generator)
+            x_adv = self.val_setting.run(self.network, x, y, generator=generator, bounds=self.input_bounds)
         self.val_acc_robust(self.network(x_adv), y)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_robust", self.val_acc_robust, prog_bar=True)
         for name, network in self.extra_validation_networks.items():
             with torch.enable_grad(), attack_mode(network):
                 generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
-                x_adv = self.val_setting.run(network, x, y, generator=generator)
+                x_adv = self.val_setting.run(network, x, y, generator=generator, bounds=self.input_bounds)
                 clean_ok = (network(x).argmax(1) == y).float().mean()
                 robust_ok = (network(x_adv).argmax(1) == y).float().mean()
             self.log(f"val/acc_clean_{name}", clean_ok, batch_size=len(y), sync_dist=True)

@@ -86,7 +86,8 @@ class NuAT(AdversarialDefense):
 
     def make_adversarial(self, x, y, clean_logits, lam):
         use_nuclear = self.batch_idx % self.nuclear_every == self.nuclear_every - 1
-        common = dict(clean_logits=clean_logits, lam=lam, start_scale=self.start_scale, use_nuclear=use_nuclear)
+        common = dict(clean_logits=clean_logits, lam=lam, start_scale=self.start_scale, use_nuclear=use_nuclear,
+                      bounds=self.input_bounds)
         if self.steps_this_epoch() == 1:
             with attack_mode(self.network):
                 return nuclear_norm_step(self.network, x, y, self.eps, **common)

@@ -44,10 +44,11 @@ class PGDAT(AdversarialDefense):
     def make_adversarial(self, x, y):
         with attack_mode(self.network):
             if self.attack == "fgsm":
-                return fgsm(self.network, x, y, self.eps)
+                return fgsm(self.network, x, y, self.eps, bounds=self.input_bounds)
             if self.attack == "fgsm_rs":
-                return fgsm_rs(self.network, x, y, self.eps, step=self.step)
-            return pgd(self.network, x, y, self.eps, step=self.step, steps=self.steps, norm=self.norm)
+                return fgsm_rs(self.network, x, y, self.eps, step=self.step, bounds=self.input_bounds)
+            return pgd(self.network, x, y, self.eps, step=self.step, steps=self.steps, norm=self.norm,
+                       bounds=self.input_bounds)
 
     def defense_loss(self, x, y):
         x_adv = self.make_adversarial(x, y)

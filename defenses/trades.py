@@ -37,7 +37,8 @@ class TRADES(AdversarialDefense):
             with torch.no_grad():
                 clean_logits = self.network(x)
             return projected_gradient(self.network, x, y, eps=self.eps, step=self.step, steps=self.steps,
-                                      loss=kl_from(clean_logits), start="normal", start_scale=0.001)
+                                      loss=kl_from(clean_logits), start="normal", start_scale=0.001,
+                                      bounds=self.input_bounds)
 
     def defense_loss(self, x, y):
         x_adv = self.make_adversarial(x, y)

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from attacks import AttackSetting, attack_mode
+from networks.binary import sign_surrogate
 from networks.tucker import is_tensorized, randomness_off
 
 from .sanity import LARGE_EPS, sanity_verdicts
@@ -70,8 +71,6 @@ def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,
         if setting.omniscient:
             stack.enter_context(randomness_off(source))
         if setting.surrogate is not None:
-            from networks.binary import sign_surrogate  # TODO(top-level import once networks.binary lands)
-
             stack.enter_context(sign_surrogate(source, setting.surrogate))
         return setting.run(source, x, y, generator=generator, bounds=bounds)
 

@@ -5,6 +5,7 @@ from .cifar10 import CIFAR10
 from .digits import Digits
 from .imagenet100 import ImageNet100
 from .mnist import MNIST
+from .speech_commands import SpeechCommands
 
 __all__ = [
     "CIFAR10",
@@ -13,6 +14,7 @@ __all__ = [
     "DatasetNotFoundError",
     "Digits",
     "ImageNet100",
+    "SpeechCommands",
     "TensorPairDataset",
     "collate_batch",
 ]

@@ -59,6 +59,16 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
         raise ValueError(f"data.{name} must be >= {minimum}, got {value}. {hint}")
 
 
+def check_loader_args(batch_size: object, eval_batch_size: object, split_seed: object, num_workers: object) -> None:
+    """The loader arguments every datamodule takes, checked with a hint that names the config key."""
+    _check_int("batch_size", batch_size, 1, "Set data.batch_size (--data.batch_size) to a positive number.")
+    if eval_batch_size is not None:
+        _check_int("eval_batch_size", eval_batch_size, 1,
+                   "Set data.eval_batch_size to a positive number, or null to use batch_size.")
+    _check_int("split_seed", split_seed, 0, "Set data.split_seed to a non-negative integer.")
+    _check_int("num_workers", num_workers, 0, "Set data.num_workers to 0 or more worker processes.")
+
+
 class SplitDataModule(pl.LightningDataModule):
     """What every advtrain datamodule shares: the loaders over ``train_set`` and ``eval_dataset(split)``,
     and ``preprocess`` on the device after each transfer. Subclasses set ``train_set``, ``batch_size``,
@@ -67,6 +77,16 @@ class SplitDataModule(pl.LightningDataModule):
 
     collate_fn = None  # None: torch's default collate of single examples
     input_bounds = (0.0, 1.0)  # the natural input range: attacks clamp to it (audio: (-1, 1))
+
+    def _not_found_message(self, problem: str) -> str:
+        """One line for a missing dataset: what is missing and the two ways to fix it."""
+        if self.download:
+            fix = ("data.download is true but the files are not there yet: call prepare_data() before "
+                   "setup() (the Trainer does this), or check that the download succeeded.")
+        else:
+            fix = (f"Point data.root (--data.root) at the folder that holds '{self.data_folder}', or set "
+                   "data.download: true (--data.download true) to download it.")
+        return f"{self.name} not found: {problem}. {fix}"
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -154,14 +174,9 @@ class ArrayDataModule(SplitDataModule):
         flip: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1, "Set data.batch_size (--data.batch_size) to a positive number.")
-        if eval_batch_size is not None:
-            _check_int("eval_batch_size", eval_batch_size, 1,
-                       "Set data.eval_batch_size to a positive number, or null to use batch_size.")
+        check_loader_args(batch_size, eval_batch_size, split_seed, num_workers)
         _check_int("val_size", val_size, 0,
                    "Set data.val_size to the number of training examples to hold out (0: no validation).")
-        _check_int("split_seed", split_seed, 0, "Set data.split_seed to a non-negative integer.")
-        _check_int("num_workers", num_workers, 0, "Set data.num_workers to 0 or more worker processes.")
         _check_int("crop_padding", crop_padding, 0,
                    "Set data.crop_padding to the padding in pixels of the random crop (0: no crop).")
         self.root = os.fspath(root)
@@ -254,15 +269,6 @@ class ArrayDataModule(SplitDataModule):
         return to_unit_float(x), y
 
     # --------------------------------------------------------------------------------------- helpers
-
-    def _not_found_message(self, problem: str) -> str:
-        if self.download:
-            fix = ("data.download is true but the files are not there yet: call prepare_data() before "
-                   "setup() (the Trainer does this), or check that the download succeeded.")
-        else:
-            fix = (f"Point data.root (--data.root) at the folder that holds '{self.data_folder}', or set "
-                   "data.download: true (--data.download true) to download it.")
-        return f"{self.name} not found: {problem}. {fix}"
 
     def _load_checked(self, train: bool) -> tuple[Tensor, Tensor]:
         x, y = self.load_split(train)

@@ -20,7 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
-from .base import DatasetNotFoundError, SplitDataModule, _check_int, to_unit_float
+from .base import DatasetNotFoundError, SplitDataModule, _check_int, check_loader_args, to_unit_float
 
 __all__ = ["CLASS_LIST_FILE", "ClassListImageFolder", "ImageNet100", "read_class_list"]
 
@@ -174,14 +174,9 @@ class ImageNet100(SplitDataModule):
         resize_size: int = 256,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1, "Set data.batch_size (--data.batch_size) to a positive number.")
-        if eval_batch_size is not None:
-            _check_int("eval_batch_size", eval_batch_size, 1,
-                       "Set data.eval_batch_size to a positive number, or null to use batch_size.")
+        check_loader_args(batch_size, eval_batch_size, split_seed, num_workers)
         _check_int("val_size", val_size, 0, "Set data.val_size to the number of training images to hold out "
                    "(0: validate on the official validation set, root/val).")
-        _check_int("split_seed", split_seed, 0, "Set data.split_seed to a non-negative integer.")
-        _check_int("num_workers", num_workers, 0, "Set data.num_workers to 0 or more worker processes.")
         _check_int("image_size", image_size, 1, "Set data.image_size to the side of the crop in pixels (224).")
         _check_int("resize_size", resize_size, 1,
                    "Set data.resize_size to the evaluation resize of the shorter side in pixels (256).")

@@ -5,10 +5,12 @@ first layer, and exposes ``forward_features(x) -> (B, feature_dim)`` (the penult
 ``head`` (the final linear layer), with ``forward(x) == head(forward_features(x))``.
 """
 
+from .binary import XNOR, Binarized, binarize, sign_surrogate, sign_with_surrogate
 from .cnn import CNN4C3F, CarliniCNN, DigitsCNN
 from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
+from .soundnet import SoundNet5
 from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
 from .tucker import Tensorized, TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off, tensorize
 from .wide_resnet import WideResNet
@@ -27,18 +29,24 @@ __all__ = [
     "IMAGENET_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "Binarized",
     "CarliniCNN",
     "DigitsCNN",
     "Normalize",
     "PreActResNet18",
     "ResNet18",
+    "SoundNet5",
     "Tensorized",
     "TorchvisionNet",
     "TuckerConv",
     "TuckerLinear",
     "WideResNet",
+    "XNOR",
+    "binarize",
     "is_tensorized",
     "keep_probability",
     "randomness_off",
+    "sign_surrogate",
+    "sign_with_surrogate",
     "tensorize",
 ]

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from tensorly.decomposition import tucker
 from torch import Tensor, nn
 
+from .wrapper import TransformedNetwork
+
 tl.set_backend("pytorch")  # tensorly-torch does the same on import; our layers only use the torch backend
 
 Rank = float | int | Sequence[int]
@@ -251,7 +253,7 @@ def load_plain_weights(network: nn.Module, checkpoint: str | Path, prefix: str =
                          "architecture before tensorization.")
 
 
-class Tensorized(nn.Module):
+class Tensorized(TransformedNetwork):
     """Config-friendly wrapper: ``networks.Tensorized(network=..., rank=..., theta=..., checkpoint=...)``.
 
     Loads ``checkpoint`` (a plain model's) into ``network`` first when given, then tensorizes it by Tucker
@@ -267,17 +269,3 @@ class Tensorized(nn.Module):
             load_plain_weights(network, checkpoint)
         self.network = tensorize(network, rank=rank, theta=theta, layers=layers or _LAYER_TYPES,
                                  exclude=exclude or (), min_dim=min_dim, n_iter=n_iter)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.network.forward_features(x)
-
-    @property
-    def head(self) -> nn.Module:
-        return self.network.head
-
-    @property
-    def feature_dim(self) -> int:
-        return self.network.feature_dim

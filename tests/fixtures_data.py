@@ -154,3 +154,87 @@ def patch_cifar10_checksums(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(cls, "train_list", [[name, _md5(folder / name)] for name in CIFAR10_TRAIN_FILES])
     monkeypatch.setattr(cls, "test_list", [["test_batch", _md5(folder / "test_batch")]])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
+
+
+# -------------------------------------------------------------------------------------- Speech Commands
+
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+SPEECH_LABELS = (*SPEECH_WORDS, "unknown", "silence")
+SPEECH_SPEAKERS = ("0a7c2a8d", "1b4c9e2f", "c0ffee11")
+SPEECH_LONG_CLIP = "left/1b4c9e2f_nohash_0.wav"  # 20000 samples: must be cut to its first 16000
+SPEECH_SHORT_CLIP = "no/0a7c2a8d_nohash_1.wav"  # 8000 samples: must be zero-padded
+
+
+def speech_clip(clip_id: int, length: int) -> np.ndarray:
+    """Clip ``clip_id`` (>= 1) of the fixture: int16, sample t is ``32 * clip_id + t % 17``.
+
+    Every sample is positive, so zero padding shows; ``x[0] // 32`` is the id; the period 17 does not
+    divide 4000, so keeping the last 16000 samples of a 20000-sample clip instead of the first is caught.
+    """
+    t = np.arange(length)
+    return (32 * clip_id + t % 17).astype(np.int16)
+
+
+def speech_noise(index: int, length: int) -> np.ndarray:
+    """Background noise recording ``index``: seeded uniform int16 over the full range (so -32768 occurs)."""
+    rng = np.random.default_rng(1000 + index)
+    noise = rng.integers(-32768, 32768, size=length, dtype=np.int16)
+    noise[length // 2] = -32768
+    return noise
+
+
+def write_speech_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    """A mono 16-bit PCM WAV file, as in the real dataset."""
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, rate, subtype="PCM_16")
+
+
+def write_speech_commands(root: Path, words_per_class: int = 4, extra_words: tuple[str, ...] = ("bed", "cat"),
+                          clips_per_extra_word: int = 6, noise_seconds: tuple[float, ...] = (3.0, 2.5)) -> dict:
+    """Write Speech Commands v0.02 in torchaudio's layout under ``root/SpeechCommands/speech_commands_v0.02``.
+
+    Word ``w`` (index in :data:`SPEECH_WORDS`) gets ``words_per_class + w % 3`` clips, each extra word
+    ``clips_per_extra_word``; clip ``j`` of a word is ``<speaker j % 3>_nohash_<j // 3>.wav``. Clip ``j``
+    goes to validation_list.txt when ``j % 4 == 1``, to testing_list.txt when ``j % 4 == 3``, else to
+    training. Clip ids count from 1 in writing order (words, then extra words); the content is
+    :func:`speech_clip`. Lengths are 16000 samples except: clip 0 of word ``w`` has ``12000 + 500 * w``,
+    :data:`SPEECH_SHORT_CLIP` 8000 and :data:`SPEECH_LONG_CLIP` 20000. ``_background_noise_`` holds one
+    :func:`speech_noise` recording per entry of ``noise_seconds`` (``noise_<k>.wav``), plus a README.md,
+    and the top folder a LICENSE, like the real archive.
+
+    Returns ``{"data_path": Path, "clips": {relative path: {"id", "word", "label", "split", "length"}},
+    "noise": {file name: int16 array}}``; ``label`` is the 12-class label (extra words: 10, unknown).
+    """
+    data = Path(root) / "SpeechCommands" / "speech_commands_v0.02"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "LICENSE").write_text("fixture\n")
+    plan = [(w, words_per_class + i % 3) for i, w in enumerate(SPEECH_WORDS)]
+    plan += [(w, clips_per_extra_word) for w in extra_words]
+    clips: dict[str, dict] = {}
+    clip_id = 0
+    for word, count in plan:
+        for j in range(count):
+            clip_id += 1
+            rel = f"{word}/{SPEECH_SPEAKERS[j % 3]}_nohash_{j // 3}.wav"
+            if rel == SPEECH_LONG_CLIP:
+                length = 20000
+            elif rel == SPEECH_SHORT_CLIP:
+                length = 8000
+            elif j == 0:
+                length = 12000 + 500 * (SPEECH_WORDS.index(word) if word in SPEECH_WORDS else 0)
+            else:
+                length = 16000
+            split = "val" if j % 4 == 1 else "test" if j % 4 == 3 else "train"
+            label = SPEECH_WORDS.index(word) if word in SPEECH_WORDS else SPEECH_LABELS.index("unknown")
+            write_speech_wav(data / rel, speech_clip(clip_id, length))
+            clips[rel] = {"id": clip_id, "word": word, "label": label, "split": split, "length": length}
+    for split, name in (("val", "validation_list.txt"), ("test", "testing_list.txt")):
+        (data / name).write_text("".join(f"{rel}\n" for rel in sorted(clips) if clips[rel]["split"] == split))
+    noise = {}
+    for k, seconds in enumerate(noise_seconds):
+        noise[f"noise_{k}.wav"] = speech_noise(k, int(seconds * 16000))
+        write_speech_wav(data / "_background_noise_" / f"noise_{k}.wav", noise[f"noise_{k}.wav"])
+    (data / "_background_noise_" / "README.md").write_text("background noise\n")
+    return {"data_path": data, "clips": clips, "noise": noise}

@@ -65,7 +65,8 @@ def test_fgsm_rs_defaults_to_the_fbf_step(batch, monkeypatch):
     import defenses.pgd_at as pgd_at
 
     seen = {}
-    monkeypatch.setattr(pgd_at, "fgsm_rs", lambda net, x, y, eps, step=None, bounds=None: seen.update(eps=eps, step=step) or x)
+    monkeypatch.setattr(pgd_at, "fgsm_rs",
+                        lambda net, x, y, eps, step=None, bounds=None: seen.update(eps=eps, step=step) or x)
     PGDAT(network=BNNet(), eps="8/255", attack="fgsm_rs").defense_loss(*batch)
     assert seen["eps"] == pytest.approx(8 / 255) and seen["step"] is None  # fgsm_rs then uses 1.25 eps
     with pytest.raises(ValueError, match="unknown training attack"):

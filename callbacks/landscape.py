@@ -1,0 +1,334 @@
+"""Loss landscape: the loss on a 2-D grid around test points, as contour plots (METHODS.md, defensive
+tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5])."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+from attacks import attack_mode
+from networks.tucker import is_tensorized, keep_probability
+
+from .robustness import is_randomized
+
+__all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
+
+NORMS = ("linf", "l2")
+AXIS_LABELS = ("gradient direction", "random orthogonal direction")
+
+
+def _mix(seed: int, index: int) -> int:
+    """A seed for stream ``index`` of ``seed`` (one per point, per draw), kept below 2**63."""
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+def _scaled(d: Tensor, normalize: str) -> Tensor:
+    return d / (d.abs().amax() if normalize == "linf" else d.norm())
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
+    """Seed the default generator of ``device`` (the one the network's random masks use) for the body, and
+    restore the previous RNG state afterwards, so the landscape never consumes the global RNG."""
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def landscape_directions(network: nn.Module, x: Tensor, y: Tensor | int, seed: int = 0,
+                         normalize: str = "linf") -> tuple[Tensor, Tensor]:
+    """The two axes of the landscape around one input ``x`` (shape of one example, no batch dimension).
+
+    ``d1`` is the gradient of ``cross_entropy(network(x), y)`` with respect to ``x``, computed with the
+    network's randomness off (every Tucker layer at theta = 1) and every submodule in eval mode (modes and
+    thetas are restored afterwards). ``d2`` is a Gaussian direction drawn from a CPU generator seeded with
+    ``seed`` (the same direction on every device) and made orthogonal to ``d1`` by Gram-Schmidt in the
+    flattened input space. Each is then scaled to unit L-inf norm (``normalize="linf"``: an axis value is the
+    largest per-pixel change, the papers' units) or unit L2 norm (``"l2"``); scaling keeps them orthogonal.
+
+    A zero gradient (a saturated, correctly classified point) gives no direction: then ``d1`` is a second
+    seeded random direction, with a warning.
+    """
+    if normalize not in NORMS:
+        raise ValueError(f"normalize must be one of {NORMS}, got {normalize!r}")
+    if x.numel() < 2:
+        raise ValueError("a 2-D landscape needs an input with at least 2 elements (two orthogonal directions)")
+    with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), keep_probability(network, 1.0):
+        point = x.detach().clone().unsqueeze(0).requires_grad_(True)
+        target = torch.as_tensor(y, device=x.device).detach().clone().reshape(1).long()
+        loss = F.cross_entropy(network(point).float(), target)
+        (grad,) = torch.autograd.grad(loss, point)
+    g = grad.reshape(-1).double()
+    if not torch.isfinite(g).all():
+        raise FloatingPointError("the input gradient of the loss is not finite; cannot build the landscape axes")
+    noise = torch.randn(2, x.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = noise.to(x.device)
+    if not g.abs().amax() > 0:
+        rank_zero_warn("loss landscape: the input gradient is exactly zero at this point; the first axis is a "
+                       "random direction instead of the gradient direction")
+        g = noise[1]
+    u = g / g.norm()
+    r = noise[0] - (noise[0] @ u) * u
+    return tuple(_scaled(d, normalize).to(x.dtype).reshape(x.shape) for d in (g, r))
+
+
+@torch.no_grad()
+def loss_surface(network: nn.Module, x: Tensor, y: Tensor | int, d1: Tensor, d2: Tensor,
+                 alphas: Sequence[float] | Tensor, betas: Sequence[float] | Tensor, draws: int = 1,
+                 batch_size: int = 256, seed: int | None = None) -> Tensor:
+    """``loss[i, j] = cross_entropy(network(x + alphas[i] * d1 + betas[j] * d2), y)``, float32, on x's device.
+
+    ``x``, ``d1`` and ``d2`` have the shape of one example (no batch dimension). The grid is evaluated in
+    batches of ``batch_size`` grid points, without gradients, with every submodule in eval mode (restored
+    afterwards), and with the network as it is (wrap the call in ``keep_probability`` to choose theta).
+
+    The inputs are deliberately *not* clamped to the valid input range: clamping would make the surface a
+    non-linear function of the grid coordinates even for a linear model (flat wherever a pixel saturates)
+    and so hide the geometry of the network's loss in the chosen plane, which is what the figure shows.
+
+    ``draws`` > 1 averages the loss over that many forward passes of each grid point (a randomized network's
+    single forward is one sample). With ``seed``, draw ``k`` re-seeds the RNG of x's device before every
+    batch, so each draw is one fixed random network for the whole grid (common random numbers: the surface
+    compares the same ``draws`` networks everywhere), the result is reproducible, and the caller's RNG state
+    is restored afterwards.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if d1.shape != x.shape or d2.shape != x.shape:
+        raise ValueError(f"directions must have the input's shape {tuple(x.shape)}, got {tuple(d1.shape)} "
+                         f"and {tuple(d2.shape)}")
+    alphas = torch.as_tensor(alphas, dtype=x.dtype, device=x.device).reshape(-1)
+    betas = torch.as_tensor(betas, dtype=x.dtype, device=x.device).reshape(-1)
+    n_a, n_b = len(alphas), len(betas)
+    grid_a = alphas.repeat_interleave(n_b).view(-1, *([1] * x.dim()))  # row-major: point k = (k // B, k % B)
+    grid_b = betas.repeat(n_a).view(-1, *([1] * x.dim()))
+    target = torch.as_tensor(y, device=x.device).reshape(1).long()
+    total = torch.zeros(n_a * n_b, dtype=torch.float64, device=x.device)
+    with attack_mode(network):
+        for k in range(draws):
+            for start in range(0, n_a * n_b, batch_size):
+                stop = min(start + batch_size, n_a * n_b)
+                inputs = x + grid_a[start:stop] * d1 + grid_b[start:stop] * d2
+                with _seeded(x.device, None if seed is None else _mix(seed, k)):
+                    logits = network(inputs)
+                loss = F.cross_entropy(logits.float(), target.expand(stop - start), reduction="none")
+                total[start:stop] += loss.double()
+    return (total / draws).view(n_a, n_b).float()
+
+
+def plot_surface(alphas: Sequence[float], betas: Sequence[float], loss, title: str, levels: int = 20):
+    """A matplotlib Figure (Agg canvas, no pyplot state) of ``loss[i, j]`` at (alphas[i], betas[j]): filled
+    contours, contour lines, a colorbar and the clean point marked at the origin."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    z = np.asarray(loss, dtype=np.float64).T  # contourf wants z[row = y (beta), column = x (alpha)]
+    low, high = float(np.nanmin(z)), float(np.nanmax(z))
+    bounds = np.linspace(low, high, levels + 1) if high > low else np.array([low - 0.5, low + 0.5])
+    fig = Figure(figsize=(5.2, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    filled = ax.contourf(alphas, betas, z, levels=bounds, cmap="viridis")
+    if high > low:
+        ax.contour(alphas, betas, z, levels=bounds, colors="k", linewidths=0.4, alpha=0.6)
+    ax.plot([0.0], [0.0], marker="+", color="red", markersize=10, mew=2)
+    fig.colorbar(filled, ax=ax, label="cross-entropy loss")
+    ax.set_xlabel(AXIS_LABELS[0])
+    ax.set_ylabel(AXIS_LABELS[1])
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def _theta_name(theta: float) -> str:
+    return f"{theta:g}"
+
+
+class LossLandscape(pl.Callback):
+    """Contour plots of the loss on a 2-D plane through chosen evaluation points, for several thetas.
+
+    When it runs: at the end of ``fit`` (``on_fit_end``, on the final weights, after an EMA callback has
+    copied its average in) when ``after_fit`` is set, and at the end of ``test`` (``on_test_end``). Every rank
+    asks for the run directory (``trainer.log_dir``, a collective under DDP); rank zero alone computes and
+    writes, and the ranks meet at a barrier afterwards.
+
+    What it computes, per point ``i`` of the datamodule's ``split`` (``eval_dataset``, preprocessed as for
+    evaluation):
+
+    * the axes (:func:`landscape_directions`): ``d1`` the input gradient of the cross-entropy at the clean
+      point with the randomness off (theta = 1) and eval-mode BatchNorm, ``d2`` a Gaussian direction seeded by
+      (``seed``, i), orthogonal to ``d1``; both scaled to unit L-inf (or L2) norm. The same axes serve every
+      theta, so the surfaces of one point are comparable.
+    * for each theta (every Tucker layer's keep probability set by ``keep_probability``, restored after),
+      the loss at ``x + a d1 + b d2`` for ``a, b`` in ``linspace(-span, span, grid)`` (:func:`loss_surface`):
+      not clamped to the input range (that would bend the plane; see :func:`loss_surface`), batched, without
+      gradients, on the module's device, in eval mode. A randomized network (theta < 1, or any test-time
+      randomness) is averaged over ``draws`` forward passes, draw k being one seeded random network for the
+      whole grid; a deterministic one is evaluated once.
+
+    Writes ``<run dir>/<dirname>/point<i>_theta<t>.png`` per point and theta, ``<run dir>/<dirname>/
+    landscape.json`` (the axis values and, per point and theta, the loss matrix ``loss[a][b]``, rows along
+    the gradient direction), and, with a TensorBoardLogger, figures tagged ``landscape/point<i>/theta<t>``.
+    The last results are also kept in ``self.results``.
+
+    Args:
+        points: indices into the evaluation split.
+        split: ``test`` or ``val``.
+        span: the grid covers ``[-span, span]`` on both axes, in the input's natural units ([0, 1] pixels).
+        grid: grid points per axis (odd values put a grid point on the clean input).
+        thetas: keep probabilities to plot; a network without Tucker layers has only theta = 1 (a warning
+            then replaces the list by ``[1.0]``).
+        draws: forward passes averaged per grid point for a randomized network.
+        normalize: ``linf`` (unit L-inf directions: the papers' units) or ``l2``.
+        seed: seeds the random direction and the random draws of the network (the global RNG is untouched).
+        after_fit: also run when fit ends.
+        dirname: folder under the run directory.
+        batch_size: grid points per forward pass.
+    """
+
+    def __init__(self, points: list[int] | None = None, split: str = "test", span: float = 0.5, grid: int = 21,
+                 thetas: list[float] | None = None, draws: int = 8, normalize: str = "linf", seed: int = 0,
+                 after_fit: bool = True, dirname: str = "landscape", batch_size: int = 256):
+        points = [0, 1, 2, 3] if points is None else list(points)
+        thetas = [1.0] if thetas is None else list(thetas)
+        if not points or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in points):
+            raise ValueError(f"points must be a non-empty list of non-negative example indices, got {points}")
+        if len(set(points)) != len(points):
+            raise ValueError(f"points must not repeat an index, got {points}")
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        if isinstance(span, bool) or not isinstance(span, int | float) or not math.isfinite(span) or span <= 0:
+            raise ValueError(f"span must be a positive number (the grid covers [-span, span]), got {span!r}")
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+            raise ValueError(f"grid must be an integer >= 2 (points per axis), got {grid!r}")
+        if not thetas:
+            raise ValueError("thetas must list at least one keep probability")
+        for theta in thetas:
+            if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0.0 < theta <= 1.0:
+                raise ValueError(f"every theta is a keep probability in (0, 1] (1 = no randomness), got {theta!r}")
+        if len({_theta_name(t) for t in thetas}) != len(thetas):
+            raise ValueError(f"thetas must not repeat a value, got {thetas}")
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+        if normalize not in NORMS:
+            raise ValueError(f"normalize must be one of {NORMS}, got {normalize!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not dirname or Path(dirname).is_absolute() or ".." in Path(dirname).parts:
+            raise ValueError(f"dirname must be a relative folder name inside the run directory, got {dirname!r}")
+        self.points, self.split, self.span, self.grid = points, split, float(span), grid
+        self.thetas = [float(t) for t in thetas]
+        self.draws, self.normalize, self.seed = draws, normalize, seed
+        self.after_fit, self.dirname, self.batch_size = after_fit, dirname, batch_size
+        self.results: dict | None = None
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def on_fit_end(self, trainer, pl_module):
+        if self.after_fit:
+            self.run(trainer, pl_module, stage="fit")
+
+    def on_test_end(self, trainer, pl_module):
+        self.run(trainer, pl_module, stage="test")
+
+    # ---- the computation -------------------------------------------------------------------------
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "manual") -> dict | None:
+        """Compute and write the landscapes; returns the results on rank zero (None elsewhere)."""
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # collective under DDP
+        results = None
+        if trainer.is_global_zero:
+            results = self.compute(trainer, pl_module)
+            results["stage"] = stage
+            self._write(trainer, out_dir, results)
+        trainer.strategy.barrier()
+        self.results = results
+        return results
+
+    def _inputs(self, trainer, pl_module) -> tuple[Tensor, Tensor]:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "eval_dataset"):
+            raise RuntimeError("LossLandscape needs an advtrain datamodule (one with eval_dataset and preprocess); "
+                               "pass it as `data` in the config")
+        dataset = datamodule.eval_dataset(self.split)
+        missing = [p for p in self.points if p >= len(dataset)]
+        if missing:
+            raise ValueError(f"LossLandscape points {missing} are out of range: the {self.split} split has "
+                             f"{len(dataset)} examples")
+        batch = default_collate([dataset[p] for p in self.points])
+        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        preprocess = getattr(datamodule, "preprocess", None)
+        x, y = preprocess(batch, train=False) if preprocess is not None else batch
+        return x.detach().clone(), torch.as_tensor(y).detach().clone()
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        network = getattr(pl_module, "network", pl_module)
+        thetas = self.thetas
+        tensorized = is_tensorized(network)
+        if not tensorized and thetas != [1.0]:
+            rank_zero_warn(f"LossLandscape: {type(network).__name__} has no Tucker layers, so theta has no effect; "
+                           f"plotting theta = 1 only instead of {thetas}")
+            thetas = [1.0]
+        axis = torch.linspace(-self.span, self.span, self.grid, dtype=torch.float64)
+        entries = []
+        with torch.inference_mode(False), trainer.precision_plugin.forward_context():
+            x, y = self._inputs(trainer, pl_module)
+            for i, index in enumerate(self.points):
+                xi, yi = x[i], y[i]
+                point_seed = _mix(self.seed, index)
+                d1, d2 = landscape_directions(network, xi, yi, seed=point_seed, normalize=self.normalize)
+                with torch.no_grad(), attack_mode(network), keep_probability(network, 1.0):
+                    prediction = int(network(xi.unsqueeze(0)).argmax(1).item())
+                surfaces = {}
+                for theta in thetas:
+                    with keep_probability(network, theta), attack_mode(network):
+                        randomized = (theta < 1.0 and tensorized) or is_randomized(network, xi.unsqueeze(0))
+                        draws = self.draws if randomized else 1
+                        loss = loss_surface(network, xi, yi, d1, d2, axis, axis, draws=draws,
+                                            batch_size=self.batch_size,
+                                            seed=_mix(point_seed, round(theta * 1_000_000)))
+                    surfaces[_theta_name(theta)] = {"theta": theta, "draws": draws, "loss": loss.cpu().tolist()}
+                entries.append({"index": index, "label": int(yi), "prediction": prediction, "thetas": surfaces})
+        return {"split": self.split, "span": self.span, "grid": self.grid, "normalize": self.normalize,
+                "seed": self.seed, "axes": {"alpha": AXIS_LABELS[0], "beta": AXIS_LABELS[1]},
+                "alphas": axis.tolist(), "betas": axis.tolist(), "thetas": thetas,
+                "loss_layout": "loss[a][b]: row a along the gradient direction (alphas), column b along the "
+                               "random orthogonal direction (betas); inputs not clamped to the valid range",
+                "network": type(network).__name__, "global_step": trainer.global_step, "points": entries}
+
+    def _write(self, trainer, out_dir: Path, results: dict) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for entry in results["points"]:
+            for name, surface in entry["thetas"].items():
+                title = (f"point {entry['index']} (label {entry['label']}, predicted {entry['prediction']}), "
+                         f"theta = {name}" + (f", {surface['draws']} draws" if surface["draws"] > 1 else ""))
+                fig = plot_surface(results["alphas"], results["betas"], surface["loss"], title)
+                fig.savefig(out_dir / f"point{entry['index']}_theta{name}.png")
+                for writer in writers:
+                    writer.add_figure(f"landscape/point{entry['index']}/theta{name}", fig,
+                                      global_step=trainer.global_step, close=False)
+        for writer in writers:
+            writer.flush()
+        (out_dir / "landscape.json").write_text(json.dumps(results))
+        rank_zero_info(f"Loss landscapes of {len(results['points'])} points written to {out_dir}")

@@ -178,7 +178,8 @@ class AttackSetting:
     def as_dict(self) -> dict:
         entry = {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
                  "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
-                 "restarts": self.restarts, "eot_samples": self.eot, "omniscient": self.omniscient,
+                 "restarts": self.restarts, "steps_rule": KURAKIN if self.steps == KURAKIN else None,
+                 "eot_samples": self.eot, "omniscient": self.omniscient,
                  "surrogate": self.surrogate}
         if self.attack == "autoattack":
             version = self.version or "standard"

@@ -17,6 +17,12 @@ def _verdict(check: str, passed: bool, detail: str, cause: str) -> dict:
     return {"check": check, "passed": bool(passed), "detail": detail, "likely_cause": None if passed else cause}
 
 
+def _variant(a: dict) -> tuple:
+    """What besides attack, budget and steps makes two settings different threat models (EOT draws, the
+    omniscient attacker, the surrogate gradient of sign): only settings of one variant are compared."""
+    return a.get("eot_samples", 1), a.get("omniscient", False), a.get("surrogate")
+
+
 def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, large_eps: float | None,
                     tolerance: float = 0.005, transfer: list[dict] | None = None) -> list[dict]:
     """Verdicts for one evaluation.
@@ -45,9 +51,10 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
 
     families = defaultdict(list)
     for a in attacks:
-        families[(a["attack"], a["steps"], a["restarts"], a["norm"])].append(a)
+        # a step-count rule (Kurakin's: more steps at larger eps) is one family across budgets
+        families[(a["attack"], a.get("steps_rule") or a["steps"], a["restarts"], a["norm"], _variant(a))].append(a)
     rising = []
-    for (attack, steps, restarts, _), runs in families.items():
+    for (attack, steps, restarts, _, _), runs in families.items():
         runs = sorted(runs, key=lambda a: a["eps"])
         for small, large in zip(runs, runs[1:]):
             if large["accuracy"] > small["accuracy"] + tolerance:
@@ -73,8 +80,8 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     regress = []
     by_attack = defaultdict(list)
     for a in attacks:
-        by_attack[(a["attack"], round(a["eps"], 8), a["norm"])].append(a)
-    for (attack, eps, _), runs in by_attack.items():
+        by_attack[(a["attack"], round(a["eps"], 8), a["norm"], _variant(a))].append(a)
+    for (attack, eps, _, _), runs in by_attack.items():
         runs = sorted(runs, key=lambda a: (a["steps"] * a["restarts"], a["steps"]))
         for fewer, more in zip(runs, runs[1:]):
             if more["accuracy"] > fewer["accuracy"] + tolerance:

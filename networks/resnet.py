@@ -38,6 +38,7 @@ class ResNet18(nn.Module):
     """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, global average pooling.
 
     ``forward_features`` returns the pooled 512-d representation after the last ReLU (ADR's latent z).
+    ``width`` (64) scales every stage (w, 2w, 4w, 8w); smaller widths are for quick tests.
     """
 
     def __init__(
@@ -46,18 +47,21 @@ class ResNet18(nn.Module):
         in_channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        width: int = 64,
     ):
         super().__init__()
+        if width < 1:
+            raise ValueError(f"ResNet18 width must be positive, got {width}")
         self.normalize = Normalize(mean, std)
         check_channels(self.normalize, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.in_planes = 64
-        self.layer1 = self._make_layer(64, 2, stride=1)
-        self.layer2 = self._make_layer(128, 2, stride=2)
-        self.layer3 = self._make_layer(256, 2, stride=2)
-        self.layer4 = self._make_layer(512, 2, stride=2)
-        self.feature_dim = 512
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.in_planes = width
+        self.layer1 = self._make_layer(width, 2, stride=1)
+        self.layer2 = self._make_layer(2 * width, 2, stride=2)
+        self.layer3 = self._make_layer(4 * width, 2, stride=2)
+        self.layer4 = self._make_layer(8 * width, 2, stride=2)
+        self.feature_dim = 8 * width
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:

@@ -156,6 +156,23 @@ def test_each_sanity_check_fires_only_on_its_violation():
     assert not sanity_verdicts(0.9, good, 0.9, 0.0, transfer=transfer)[-1]["passed"]
 
 
+def test_sanity_checks_compare_only_settings_of_one_threat_model():
+    """EOT, omniscient and surrogate-gradient variants are separate threat models; Kurakin's step rule is one
+    family across budgets even though its step count grows with eps."""
+    def check(attacks, name):
+        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v["check"] == name)["passed"]
+
+    omniscient = {**entry("pgd", 0.1, 0.6), "omniscient": True}  # a weaker threat model with the same steps
+    assert check([entry("pgd", 0.1, 0.4), omniscient], "more_iterations_not_weaker")
+    tanh = {**entry("pgd", 0.1, 0.2, steps=100), "surrogate": "tanh"}
+    assert check([entry("pgd", 0.1, 0.4), tanh, {**entry("pgd", 0.1, 0.5, steps=10), "eot_samples": 10}],
+                 "more_iterations_not_weaker")
+    kurakin = [{**entry("pgd", 2 / 255, 0.3, steps=2), "steps_rule": "kurakin"},
+               {**entry("pgd", 8 / 255, 0.5, steps=10), "steps_rule": "kurakin"}]
+    assert not check(kurakin, "monotone_in_eps")
+    assert check([{**a, "steps_rule": None} for a in kurakin], "monotone_in_eps")  # different step counts
+
+
 def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path, trained_net):
     surrogate = Net()
     torch.manual_seed(5)

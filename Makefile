@@ -28,6 +28,7 @@ demo: install
 
 bench: install
 	$(PY) bench/step_cost.py
+	$(PY) bench/tensorized_cost.py
 
 lint: install
 	$(VENV)/bin/ruff check .

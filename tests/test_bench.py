@@ -8,13 +8,25 @@ import json
 from cli_utils import ROOT
 
 
-def test_step_cost_benchmark_runs_and_writes_its_ratios(tmp_path):
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "bench" / "step_cost.py")
+def run_bench(name: str, tmp_path, batch_size: int) -> dict:
+    """Run bench/<name>.py's main on CPU, once; check that the JSON it writes holds the ratios it returns."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "cost.json"
-    result = module.main(["--batch-size", "4", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    result = module.main(["--batch-size", str(batch_size), "--repeats", "1", "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == result["ratios"]
+    return result
+
+
+def test_step_cost_benchmark_runs_and_writes_its_ratios(tmp_path):
+    result = run_bench("step_cost", tmp_path, batch_size=4)
     # ten attack iterations cost clearly more than a clean step, a single FGSM-RS step much less than PGD-10
     assert result["ratios"]["pgd10_vs_clean"] > 3
     assert result["ratios"]["fgsm_rs_vs_clean"] < result["ratios"]["pgd10_vs_clean"]
+
+
+def test_tensorized_cost_benchmark_runs_and_writes_its_ratios(tmp_path):
+    result = run_bench("tensorized_cost", tmp_path, batch_size=2)
+    # the tensorized network does strictly more work (the weight reconstruction) than the plain one
+    assert result["seconds"]["reconstruction_forward"] > 0 and result["ratios"]["tensorized_vs_plain"] > 1

@@ -337,7 +337,8 @@ class RobustnessEvaluation(pl.Callback):
         verdicts = []
         if self.sanity_checks:
             noise = 2 * math.sqrt(0.25 / max(n * draws, 1)) if randomized else 0.0
-            verdicts = sanity_verdicts(clean_acc["accuracy"], attacks, sanity_runs[0]["accuracy"],
+            fractions = [{**a, "robust_fraction": (r.double() / draws).tolist()} for a, r in zip(attacks, robust)]
+            verdicts = sanity_verdicts(clean_acc["accuracy"], fractions, sanity_runs[0]["accuracy"],
                                        sanity_runs[1]["accuracy"], tolerance=0.005 + noise, transfer=transfer)
         ckpt = getattr(trainer, "ckpt_path", None)
         results = {

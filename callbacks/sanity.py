@@ -6,6 +6,7 @@ likely cause. None of them proves robustness; each failure is a sign that a numb
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 ITERATIVE = {"bim", "pgd", "mim", "gama_pgd", "gama_fw", "autoattack"}
@@ -23,6 +24,20 @@ def _variant(a: dict) -> tuple:
     return a.get("eot_samples", 1), a.get("omniscient", False), a.get("surrogate")
 
 
+def paired_noise(a: dict, b: dict) -> float:
+    """Two standard errors of the accuracy difference of two settings evaluated on the same examples.
+
+    With per-example robust fractions p (``a["robust_fraction"]``, one per example: 0/1, or the fraction of
+    draws for a randomized model), accuracy(a) - accuracy(b) = mean(p_a - p_b); when the two attacks are equally
+    strong its standard error is sqrt(sum (p_a - p_b)^2) / n (McNemar's test for 0/1 outcomes: only the
+    examples on which they disagree count). Zero when either entry has no per-example data.
+    """
+    pa, pb = a.get("robust_fraction"), b.get("robust_fraction")
+    if pa is None or pb is None or len(pa) != len(pb) or not pa:
+        return 0.0
+    return 2 * math.sqrt(sum((x - y) ** 2 for x, y in zip(pa, pb, strict=True))) / len(pa)
+
+
 def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, large_eps: float | None,
                     tolerance: float = 0.005, transfer: list[dict] | None = None) -> list[dict]:
     """Verdicts for one evaluation.
@@ -32,7 +47,9 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
         attacks: entries with ``attack, eps, steps, restarts, norm, accuracy``.
         eps_zero: accuracy under PGD with eps = 0 (None: not measured).
         large_eps: accuracy under PGD at eps = 0.5 (None: not measured).
-        tolerance: slack for sampling noise (randomized models) and random starts.
+        tolerance: slack for sampling noise (randomized models) and random starts; comparisons of two attack
+            entries that carry ``robust_fraction`` (per example) add :func:`paired_noise`, so small evaluations
+            do not flag the seed-to-seed noise of two equally strong attacks.
         transfer: entries ``{name, eps, accuracy, white_box_accuracy}`` of transfer attacks.
     """
     verdicts = []
@@ -57,7 +74,7 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     for (attack, steps, restarts, _, _), runs in families.items():
         runs = sorted(runs, key=lambda a: a["eps"])
         for small, large in zip(runs, runs[1:]):
-            if large["accuracy"] > small["accuracy"] + tolerance:
+            if large["accuracy"] > small["accuracy"] + tolerance + paired_noise(small, large):
                 rising.append(f"{attack}-{steps}x{restarts}: {small['accuracy']:.4f} at eps {small['eps']:.4g} -> "
                               f"{large['accuracy']:.4f} at eps {large['eps']:.4g}")
     verdicts.append(_verdict(
@@ -69,10 +86,15 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     for a in attacks:
         by_eps[(round(a["eps"], 8), a["norm"])].append(a)
     for (eps, _), runs in by_eps.items():
-        single = [a["accuracy"] for a in runs if a["attack"] in ("fgsm", "fgsm_rs")]
-        iterative = [a["accuracy"] for a in runs if a["attack"] in ITERATIVE]
-        if single and iterative and min(iterative) > min(single) + tolerance:
-            weaker.append(f"eps {eps:.4g}: best iterative {min(iterative):.4f} > single-step {min(single):.4f}")
+        single = [a for a in runs if a["attack"] in ("fgsm", "fgsm_rs")]
+        iterative = [a for a in runs if a["attack"] in ITERATIVE]
+        if single and iterative:
+            best_single = min(single, key=lambda a: a["accuracy"])
+            best_iterative = min(iterative, key=lambda a: a["accuracy"])
+            if best_iterative["accuracy"] > best_single["accuracy"] + tolerance + paired_noise(best_single,
+                                                                                               best_iterative):
+                weaker.append(f"eps {eps:.4g}: best iterative {best_iterative['accuracy']:.4f} > single-step "
+                              f"{best_single['accuracy']:.4f}")
     verdicts.append(_verdict(
         "iterative_beats_single_step", not weaker, "; ".join(weaker) or "iterative attacks at least as strong",
         "gradient masking, or an iterative attack with too small a step or too few steps"))
@@ -84,7 +106,7 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     for (attack, eps, _, _), runs in by_attack.items():
         runs = sorted(runs, key=lambda a: (a["steps"] * a["restarts"], a["steps"]))
         for fewer, more in zip(runs, runs[1:]):
-            if more["accuracy"] > fewer["accuracy"] + tolerance:
+            if more["accuracy"] > fewer["accuracy"] + tolerance + paired_noise(fewer, more):
                 regress.append(f"{attack} eps {eps:.4g}: {fewer['steps']}x{fewer['restarts']} -> "
                                f"{more['steps']}x{more['restarts']} raised accuracy "
                                f"{fewer['accuracy']:.4f} -> {more['accuracy']:.4f}")

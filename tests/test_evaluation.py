@@ -173,6 +173,23 @@ def test_sanity_checks_compare_only_settings_of_one_threat_model():
     assert check([{**a, "steps_rule": None} for a in kurakin], "monotone_in_eps")  # different step counts
 
 
+def test_paired_noise_keeps_seed_noise_from_flagging_and_still_flags_real_regressions():
+    """Two equally strong PGD runs on 360 examples disagree on a few borderline ones; more steps then 'raise'
+    accuracy by about a point. Per-example outcomes tell that noise from a real regression."""
+    def with_outcomes(steps, robust):
+        return {**entry("pgd", 0.1, sum(robust) / len(robust), steps=steps), "robust_fraction": robust}
+
+    def verdict(attacks):
+        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v["check"] == "more_iterations_not_weaker")
+
+    base = [1.0] * 100 + [0.0] * 260
+    noisy = [0.0] * 2 + [1.0] * 98 + [1.0] * 6 + [0.0] * 254  # 2 lost, 6 gained: +1.1 points
+    assert not verdict([entry("pgd", 0.1, 100 / 360, 10), entry("pgd", 0.1, 104 / 360, 20)])["passed"]
+    assert verdict([with_outcomes(10, base), with_outcomes(20, noisy)])["passed"]
+    regressed = [1.0] * 100 + [1.0] * 40 + [0.0] * 220  # 40 examples robust only under more steps
+    assert not verdict([with_outcomes(10, base), with_outcomes(20, regressed)])["passed"]
+
+
 def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path, trained_net):
     surrogate = Net()
     torch.manual_seed(5)

@@ -110,3 +110,19 @@ def test_audio_attacks_stay_in_the_waveform_range(tmp_path, monkeypatch):
     x_adv = craft(setting, SoundNet5().eval(), x, y, bounds=(-1.0, 1.0))
     assert x_adv.min() < -0.5 and x_adv.min() >= -1 and x_adv.max() <= 1
     assert (x_adv - x).abs().max() <= 0.063 + 1e-6
+
+
+def test_a_resumed_tensorized_run_redraws_the_same_masks(tmp_path, monkeypatch):
+    """The masks come from the global RNG, which the checkpoint stores: 1 epoch + resume = 2 epochs, bitwise."""
+    def weights(folder, *runs):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        for args in runs:
+            model = AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs/demo/tensorized.yaml"), *FAST[:-1], *args]).model
+        return model.network.state_dict()
+
+    straight = weights("straight", ["--trainer.max_epochs=2"])
+    resumed = weights("resumed", ["--trainer.max_epochs=1"], ["--trainer.max_epochs=2", "--ckpt_path", "last"])
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .tucker import TuckerConv, TuckerLayer, TuckerLinear
-from .wrapper import TransformedNetwork
+from .wrapper import TransformedNetwork, temporarily_set
 
 SURROGATES = ("ste", "tanh", "tanh0.75")
 
@@ -216,16 +216,8 @@ def sign_surrogate(module: nn.Module, name: str) -> Iterator[nn.Module]:
     ``ste`` (clipped identity, as in training), ``tanh`` or ``tanh0.75``: the attacks of Table 4. A module
     without XNOR layers is left as is.
     """
-    check_surrogate(name)
-    layers = list(xnor_layers(module))
-    saved = [layer.surrogate for layer in layers]
-    for layer in layers:
-        layer.surrogate = name
-    try:
+    with temporarily_set(xnor_layers(module), "surrogate", check_surrogate(name)):
         yield module
-    finally:
-        for layer, old in zip(layers, saved, strict=True):
-            layer.surrogate = old
 
 
 class Binarized(TransformedNetwork):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tensorly.decomposition import tucker
 from torch import Tensor, nn
 
-from .wrapper import TransformedNetwork
+from .wrapper import TransformedNetwork, temporarily_set
 
 tl.set_backend("pytorch")  # tensorly-torch does the same on import; our layers only use the torch backend
 
@@ -212,16 +212,8 @@ def tensorize(network: nn.Module, rank: Rank = 1.0, theta: float = 1.0, layers: 
 @contextmanager
 def keep_probability(module: nn.Module, theta: float) -> Iterator[nn.Module]:
     """Temporarily set every Tucker layer's keep probability to ``theta`` (restored on exit)."""
-    theta = _check_theta(theta)
-    layers = list(tucker_layers(module))
-    saved = [layer.theta for layer in layers]
-    for layer in layers:
-        layer.theta = theta
-    try:
+    with temporarily_set(tucker_layers(module), "theta", _check_theta(theta)):
         yield module
-    finally:
-        for layer, old in zip(layers, saved, strict=True):
-            layer.theta = old
 
 
 def randomness_off(module: nn.Module):
@@ -230,7 +222,7 @@ def randomness_off(module: nn.Module):
 
 
 def is_tensorized(module: nn.Module) -> bool:
-    return any(True for _ in tucker_layers(module))
+    return next(tucker_layers(module), None) is not None
 
 
 def load_plain_weights(network: nn.Module, checkpoint: str | Path, prefix: str = "network.") -> None:

@@ -1,8 +1,26 @@
-"""Base of the config-friendly network transforms (``Tensorized``, ``Binarized``)."""
+"""Shared pieces of the network transforms (``Tensorized``, ``Binarized``): the config-friendly wrapper, and
+the temporary per-layer switch behind ``keep_probability`` and ``sign_surrogate``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 from torch import Tensor, nn
+
+
+@contextmanager
+def temporarily_set(layers: Iterable[nn.Module], attribute: str, value) -> Iterator[None]:
+    """Set ``attribute`` to ``value`` on every layer for the body; each layer gets its own old value back."""
+    layers = list(layers)
+    saved = [getattr(layer, attribute) for layer in layers]
+    for layer in layers:
+        setattr(layer, attribute, value)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            setattr(layer, attribute, old)
 
 
 class TransformedNetwork(nn.Module):

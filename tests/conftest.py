@@ -27,6 +27,13 @@ def digits_tensors():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
+@pytest.fixture
+def batch(digits_tensors):
+    """32 digits (files that need another batch size define their own ``batch``)."""
+    x, y, _, _ = digits_tensors
+    return x[:32], y[:32]
+
+
 @pytest.fixture(scope="session")
 def trained_mlp(digits_tensors):
     """A small MLP trained (clean) on digits to about 95% test accuracy, in eval mode."""

@@ -1,4 +1,4 @@
-"""Helpers that tests plug into real runs through the CLI."""
+"""Helpers that tests plug into real runs through the CLI, and the small digits network many tests train."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ import os
 import signal
 
 import pytorch_lightning as pl
+from torch import nn
+
+
+class DigitsMLP(nn.Module):
+    """flatten -> Linear(64, hidden) -> ReLU -> head Linear(hidden, 10): the smallest network with a ``head``."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
 
 
 class KillAtStep(pl.Callback):

@@ -23,12 +23,6 @@ class BNNet(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.fixture
-def batch(digits_tensors):
-    x, y, _, _ = digits_tensors
-    return x[:32], y[:32]
-
-
 def test_standard_loss_is_cross_entropy(batch):
     torch.manual_seed(0)
     model = Standard(network=BNNet())

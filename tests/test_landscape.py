@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import DigitsMLP
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
@@ -110,21 +111,11 @@ def test_tensorized_surfaces_differ_across_thetas_and_theta_one_is_deterministic
     assert all(layer.theta == 0.9 for layer in net.modules() if hasattr(layer, "theta"))
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 def test_callback_writes_pngs_json_and_tensorboard_figures(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
-    net = Net()
+    net = DigitsMLP()
     tensorize(net, theta=0.9)
     model = Standard(network=net, eps=0.1)
     landscape = LossLandscape(points=[0, 7], thetas=[1.0, 0.5], grid=5, draws=2)
@@ -160,7 +151,7 @@ def test_plain_network_warns_and_uses_theta_one(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", enable_progress_bar=False, logger=False, default_root_dir=tmp_path,
                          callbacks=[landscape])
     with pytest.warns(UserWarning, match="no Tucker layers"):
-        trainer.test(Standard(network=Net(), eps=0.1), datamodule=Digits(), verbose=False)
+        trainer.test(Standard(network=DigitsMLP(), eps=0.1), datamodule=Digits(), verbose=False)
     assert landscape.results["thetas"] == [1.0]
     assert {f.name for f in (tmp_path / "landscape").glob("*.png")} == {"point3_theta1.png"}
 
@@ -179,4 +170,4 @@ def test_out_of_range_point_is_a_clear_error(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", enable_progress_bar=False, logger=False, default_root_dir=tmp_path,
                          callbacks=[LossLandscape(points=[0, 5000], grid=3)])
     with pytest.raises(ValueError, match=r"points \[5000\] are out of range"):
-        trainer.test(Standard(network=Net(), eps=0.1), datamodule=Digits(), verbose=False)
+        trainer.test(Standard(network=DigitsMLP(), eps=0.1), datamodule=Digits(), verbose=False)

@@ -6,27 +6,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import DigitsMLP
 from torch import nn
 
 from attacks import nuclear_norm, nuclear_norm_step, nuclear_two_step
 from datamodules import Digits
 from defenses import LinearRamp, NuAT
-
-
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-@pytest.fixture
-def batch(digits_tensors):
-    x, y, _, _ = digits_tensors
-    return x[:32], y[:32]
 
 
 def direct_nuclear_step(model, x, y, eps, a, lam, seed):
@@ -43,7 +28,7 @@ def direct_nuclear_step(model, x, y, eps, a, lam, seed):
 
 def test_nuclear_norm_step_equals_the_formula(batch):
     torch.manual_seed(0)
-    model = SmallNet().eval()
+    model = DigitsMLP().eval()
     x, y = batch
     ours = nuclear_norm_step(model, x, y, 0.1, clean_logits=model(x), lam=3.0, start_scale=0.05,
                              generator=torch.Generator().manual_seed(7))
@@ -64,7 +49,7 @@ def test_nuclear_norm_is_the_sum_of_singular_values():
 
 def test_two_step_takes_its_second_step_on_ce_within_the_ball(batch):
     torch.manual_seed(0)
-    model = SmallNet().eval()
+    model = DigitsMLP().eval()
     x, y = batch
     g = torch.Generator().manual_seed(3)
     x2 = nuclear_two_step(model, x, y, 0.1, clean_logits=model(x), lam=2.0, generator=g)
@@ -84,7 +69,7 @@ def test_lambda_ramp_follows_the_official_schedule():
 
 def test_nuat_loss_is_clean_ce_plus_lambda_nuclear(batch):
     torch.manual_seed(0)
-    model = NuAT(network=SmallNet(), eps=0.1, lambda_max=4.0, lambda_ramp_epochs=10)
+    model = NuAT(network=DigitsMLP(), eps=0.1, lambda_max=4.0, lambda_ramp_epochs=10)
     model.current_lambda = lambda: 2.0
     x, y = batch
     out = model.defense_loss(x, y)
@@ -96,7 +81,7 @@ def test_nuat_loss_is_clean_ce_plus_lambda_nuclear(batch):
 
 
 def test_hybrid_switches_to_two_steps_at_its_epoch():
-    model = NuAT(network=SmallNet(), two_step_from_epoch=3)
+    model = NuAT(network=DigitsMLP(), two_step_from_epoch=3)
     steps = []
     for epoch in range(5):
         type(model).current_epoch = property(lambda self, e=epoch: e)
@@ -119,8 +104,8 @@ class CountingNet(nn.Module):
 
 def test_nuat2_wa_takes_its_first_step_on_the_fast_ema_without_gradients_into_it(batch):
     torch.manual_seed(0)
-    model = NuAT(network=SmallNet(), attack_steps=2, attack_on_ema=True, nuclear_every=1)
-    fast = CountingNet(SmallNet()).requires_grad_(False)
+    model = NuAT(network=DigitsMLP(), attack_steps=2, attack_on_ema=True, nuclear_every=1)
+    fast = CountingNet(DigitsMLP()).requires_grad_(False)
 
     class FakeEMA:
         attack_decay = 0.99
@@ -143,7 +128,7 @@ def test_nuat2_wa_takes_its_first_step_on_the_fast_ema_without_gradients_into_it
 
 
 def test_attack_on_ema_without_the_callback_says_what_to_add(batch):
-    model = NuAT(network=SmallNet(), attack_steps=2, attack_on_ema=True)
+    model = NuAT(network=DigitsMLP(), attack_steps=2, attack_on_ema=True)
     with pytest.raises(RuntimeError, match="callbacks.EMA"):
         model.defense_loss(*batch)
 
@@ -159,7 +144,7 @@ def test_nuat_wa_trains_with_the_fast_average_from_the_second_epoch():
                 seen.append(pl_module.fast_ema_network() is not None)
 
     torch.manual_seed(0)
-    model = NuAT(network=SmallNet(), eps=0.1, attack_steps=2, attack_on_ema=True, val_steps=1)
+    model = NuAT(network=DigitsMLP(), eps=0.1, attack_steps=2, attack_on_ema=True, val_steps=1)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, inference_mode=False, limit_train_batches=3, limit_val_batches=1,
                          callbacks=[EMA(decay=0.9, attack_decay=0.5), Probe()])

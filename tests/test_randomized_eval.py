@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import DigitsMLP
 from torch import nn
 
 from attacks import AttackSetting
@@ -57,22 +58,12 @@ def test_eot_is_validated_and_named():
     assert [s.resolved_steps for s in kurakin] == [1, 10, 132]  # floor(min(eps + 4, 1.25 eps))
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 @pytest.fixture(scope="module")
 def tensorized_state(tmp_path_factory):
     """A digits MLP trained clean, its hidden layer tensorized at full rank with theta 0.7, fine-tuned a little
     (with Adam: the 1/theta rescaled draws are noisy at first and SGD at lr 0.1 diverges on this BN-free MLP)."""
     torch.manual_seed(0)
-    model = Standard(network=MLP(), eps=0.1, val_steps=1)
+    model = Standard(network=DigitsMLP(hidden=64), eps=0.1, val_steps=1)
     trainer = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                    inference_mode=False, limit_val_batches=0)
     pl.Trainer(max_epochs=6, **trainer).fit(model, datamodule=Digits())
@@ -83,7 +74,7 @@ def tensorized_state(tmp_path_factory):
 
 
 def evaluate(tmp_path, state, attacks, **kwargs):
-    network = tensorize(MLP(), theta=0.7, exclude=["head"])
+    network = tensorize(DigitsMLP(hidden=64), theta=0.7, exclude=["head"])
     network.load_state_dict(state)
     evaluation = RobustnessEvaluation(attacks=attacks, **kwargs)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
@@ -119,7 +110,7 @@ def test_omniscient_examples_are_crafted_at_theta_one(tmp_path, tensorized_state
     from callbacks.robustness import craft
 
     torch.manual_seed(0)
-    network = tensorize(MLP(), theta=0.7, exclude=["head"])
+    network = tensorize(DigitsMLP(hidden=64), theta=0.7, exclude=["head"])
     network.load_state_dict(tensorized_state)
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     setting = AttackSetting("pgd", eps=0.1, steps=5, omniscient=True).expand()[0]

@@ -6,7 +6,9 @@ directories, laid out like the papers' tables (rows: defenses; columns: clean, t
 
 Rows are named by experiment: the run directory relative to the runs' common root, without
 ``version_N`` unless an experiment has several versions. Columns are the attack settings in the order
-they first appear; a cell is robust accuracy in percent, empty where a run lacks that setting.
+they first appear; a cell is robust accuracy in percent, empty where a run lacks that setting. For a
+randomized network the cell is the mean over draws, and a setting attacked with single-draw gradients (no EOT)
+is marked with a dagger in the markdown: an upper bound on robust accuracy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import sys
 from pathlib import Path
 
 RESULTS = "robustness.json"
+NO_EOT_MARK = "†"
+
+
+class UpperBound(float):
+    """An accuracy of a randomized network under an attack with single-draw gradients (no EOT)."""
 
 
 class ReportError(Exception):
@@ -87,18 +94,21 @@ def table(rows: list[tuple[str, dict]]) -> tuple[list[str], list[list[str | floa
     settings = list(dict.fromkeys(a["name"] for _, res in rows for a in res["attacks"]))
     body = []
     for name, res in rows:
-        accuracy = {a["name"]: a["accuracy"] for a in reversed(res["attacks"])}
+        accuracy = {a["name"]: (UpperBound if a.get("single_draw_gradient") else float)(a["accuracy"])
+                    for a in reversed(res["attacks"])}
         body.append([name, 100 * res["clean"]["accuracy"]]
-                    + [100 * accuracy[s] if s in accuracy else None for s in settings])
+                    + [type(accuracy[s])(100 * accuracy[s]) if s in accuracy else None for s in settings])
     return ["experiment", "clean", *settings], body
 
 
-def _cell(value) -> str:
-    return "" if value is None else value if isinstance(value, str) else f"{value:.2f}"
+def _cell(value, mark: bool = False) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    return f"{value:.2f}" + (NO_EOT_MARK if mark and isinstance(value, UpperBound) else "")
 
 
 def markdown(header: list[str], body: list[list]) -> str:
-    cells = [header] + [[_cell(v) for v in row] for row in body]
+    cells = [header] + [[_cell(v, mark=True) for v in row] for row in body]
     widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              + " |" for row in cells]
@@ -133,6 +143,9 @@ def main(argv=None) -> None:
     text = markdown(header, body)
     print(text)
     sizes = {res["n"] for _, res in rows if "n" in res}
+    if any(isinstance(v, UpperBound) for row in body for v in row):
+        print(f"{NO_EOT_MARK} randomized network attacked with single-draw gradients (no EOT): an upper bound on "
+              "robust accuracy")
     if len(sizes) > 1:
         print(f"note: the runs were evaluated on different numbers of examples ({sorted(sizes)})", file=sys.stderr)
     if args.markdown:

@@ -232,8 +232,9 @@ def load_plain_weights(network: nn.Module, checkpoint: str | Path, prefix: str =
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: give the path of a trained plain "
-                                "model's .ckpt (for example runs/cifar10/standard/version_0/checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: train the plain (theta = 1) model first "
+                                "(configs/cifar10/tensorized_theta1.yaml for tensorized_theta0.9.yaml) or point "
+                                "model.init_args.network.init_args.checkpoint at its .ckpt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     if any(k.startswith(prefix) for k in state):

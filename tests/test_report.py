@@ -156,3 +156,18 @@ def test_advtrain_report_end_to_end(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "advtrain", "report", str(tmp_path / "nowhere")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nowhere does not exist" in proc.stderr and not proc.stdout
+
+
+def test_single_draw_attacks_on_randomized_runs_are_marked_in_markdown_only(tmp_path, capsys):
+    data = result("test", 0.9, [("pgd-10 eps=8/255", 0.5), ("pgd-10 eot8 eps=8/255", 0.4)], 100)
+    data.update(randomized=True, draws=10)
+    data["attacks"][0]["single_draw_gradient"] = True
+    data["attacks"][1]["single_draw_gradient"] = False
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "robustness.json").write_text(json.dumps(data))
+    table_csv = tmp_path / "table.csv"
+    report.main([str(tmp_path / "run"), "--csv", str(table_csv)])
+    out = capsys.readouterr().out
+    assert "50.00† |" in out and "40.00 |" in out and "† randomized network" in out
+    with open(table_csv, newline="") as f:
+        assert list(csv.reader(f))[1][2:] == ["50.00", "40.00"]

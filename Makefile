@@ -29,6 +29,7 @@ demo: install
 bench: install
 	$(PY) bench/step_cost.py
 	$(PY) bench/tensorized_cost.py
+	$(PY) bench/deepfool_cost.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ subclass mode, TensorBoard under ``runs/``, and the checkpointing and evaluation
     advtrain test -c configs/cifar10/pgd_at.yaml --ckpt_path best      # or a path to a .ckpt
     advtrain report runs/cifar10                                       # results of many runs as one table
     advtrain transfer -c CONFIG --checkpoints A.ckpt B.ckpt --attack '{"attack": "pgd", "eps": "8/255"}'
+    advtrain covariance -c CONFIG --output cov.pt                      # the data set's input covariance
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ class AdvtrainCLI(LightningCLI):
         impossible budget) into one line and exit code 2, instead of a traceback through jsonargparse."""
         try:
             super().instantiate_classes()
+            # a surrogate or BPDA the network cannot honour fails now, not after training
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, RobustnessEvaluation):
+                    callback.check_network(self.model.network)
         except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
             reasons = [line.strip()[2:] for line in str(error).splitlines()
                        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
@@ -134,8 +139,9 @@ class AdvtrainCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path {ckpt}: using {found}")
         ckpt = config.get("ckpt_path")
         if not ckpt and self.subcommand in ("test", "validate"):
-            rank_zero_info(f"advtrain {self.subcommand} without --ckpt_path evaluates the freshly initialized "
-                           "network of the config; pass --ckpt_path best, last or a .ckpt file")
+            rank_zero_info(f"advtrain {self.subcommand} without --ckpt_path evaluates the network as the config "
+                           "builds it (freshly initialized, unless the config loads a checkpoint into it); pass "
+                           "--ckpt_path best, last or a .ckpt file for a trained run")
         if ckpt:
             ckpt_path = Path(ckpt)
             if not ckpt_path.exists():
@@ -171,6 +177,11 @@ def main(args=None):
 
         quiet_lightning_noise()
         return transfer.main(list(argv[1:]))
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["covariance"]:
+        from advtrain import covariance
+
+        quiet_lightning_noise()
+        return covariance.main(list(argv[1:]))
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
 

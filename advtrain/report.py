@@ -3,12 +3,14 @@ directories, laid out like the papers' tables (rows: defenses; columns: clean, t
 
     advtrain report runs/cifar10                           # every run under runs/cifar10
     advtrain report runs/cifar10 --latest --csv table.csv  # newest version of each experiment only
+    advtrain report runs/mnist --eps-average only          # accuracy averaged over each eps grid (SGR)
 
 Rows are named by experiment: the run directory relative to the runs' common root, without
 ``version_N`` unless an experiment has several versions. Columns are the attack settings in the order
 they first appear; a cell is robust accuracy in percent, empty where a run lacks that setting. For a
 randomized network the cell is the mean over draws, and a setting attacked with single-draw gradients (no EOT)
-is marked with a dagger in the markdown: an upper bound on robust accuracy.
+is marked with a dagger in the markdown: an upper bound on robust accuracy. Attacks that report perturbation
+sizes (DeepFool's rho and median L2 norm) add a column per metric, in the input's units, not in percent.
 """
 
 from __future__ import annotations
@@ -88,22 +90,78 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
             for experiment, v, res in runs]
 
 
-def table(rows: list[tuple[str, dict]]) -> tuple[list[str], list[list[str | float | None]]]:
-    """The header (experiment, clean, settings in order of first appearance) and one row per run with
-    accuracies in percent (None where the run lacks a setting)."""
-    settings = list(dict.fromkeys(a["name"] for _, res in rows for a in res["attacks"]))
-    body = []
-    for name, res in rows:
-        accuracy = {a["name"]: (UpperBound if a.get("single_draw_gradient") else float)(a["accuracy"])
-                    for a in reversed(res["attacks"])}
-        body.append([name, 100 * res["clean"]["accuracy"]]
-                    + [type(accuracy[s])(100 * accuracy[s]) if s in accuracy else None for s in settings])
-    return ["experiment", "clean", *settings], body
+class Size(float):
+    """A perturbation size (DeepFool's rho, a median L2 norm), not a percentage: printed with 4 significant digits."""
+
+
+def _family(entry: dict) -> str | None:
+    """The setting without its budget (``pgd-20x2 eps=0.1`` -> ``pgd-20x2``); None for a budget-free attack."""
+    label = entry.get("eps_label")
+    suffix = f" eps={label}"
+    return entry["name"][: -len(suffix)] if label is not None and entry["name"].endswith(suffix) else None
+
+
+def _average(values: list) -> float | None:
+    if not values or any(v is None for v in values):
+        return None  # a run that lacks part of the grid has no average over it
+    mean = sum(values) / len(values)
+    return UpperBound(mean) if any(isinstance(v, UpperBound) for v in values) else mean
+
+
+def table(rows: list[tuple[str, dict]], eps_average: str | None = None
+          ) -> tuple[list[str], list[list[str | float | None]]]:
+    """The header (experiment, clean, settings in order of first appearance, each followed by the perturbation
+    metrics its attack reports) and one row per run with accuracies in percent (None where the run lacks a
+    setting).
+
+    ``eps_average``: ``add`` puts, after the last budget of each setting measured at several budgets, its
+    accuracy averaged over that eps grid (the area under the accuracy-vs-eps curve the SGR paper reports, over
+    the budgets any run has; a run missing one of them gets no average); ``only`` shows the averages instead of
+    the per-budget columns.
+    """
+    if eps_average not in (None, "add", "only"):
+        raise ValueError(f"eps_average must be 'add' or 'only', got {eps_average!r}")
+    entries = [{a["name"]: a for a in reversed(res["attacks"])} for _, res in rows]
+    first = {a["name"]: a for _, res in rows for a in reversed(res["attacks"])}
+    names = list(dict.fromkeys(a["name"] for _, res in rows for a in res["attacks"]))
+    grid: dict[str, dict[str, float]] = {}
+    for name in names:
+        family = _family(first[name])
+        if family is not None:
+            grid.setdefault(family, {})[name] = first[name]["eps"]
+    averaged = {f: sorted(members, key=members.get) for f, members in grid.items()
+                if eps_average and len(members) > 1}
+    last_of = {members[-1]: f for f, members in averaged.items()}
+
+    def accuracy(entry: dict | None):
+        if entry is None:
+            return None
+        return (UpperBound if entry.get("single_draw_gradient") else float)(100 * entry["accuracy"])
+
+    header, getters = ["experiment", "clean"], []
+    for name in names:
+        if not (eps_average == "only" and _family(first[name]) in averaged):
+            header.append(name)
+            getters.append(lambda found, n=name: accuracy(found.get(n)))
+            for metric in first[name].get("metrics", {}):
+                header.append(f"{name} {metric}")
+                getters.append(lambda found, n=name, m=metric: Size(found[n]["metrics"][m])
+                               if m in found.get(n, {}).get("metrics", {}) else None)
+        if name in last_of:
+            family = last_of[name]
+            labels = ", ".join(first[n]["eps_label"] for n in averaged[family])
+            header.append(f"{family} mean over eps {{{labels}}}")
+            getters.append(lambda found, f=family: _average([accuracy(found.get(n)) for n in averaged[f]]))
+    body = [[name, 100 * res["clean"]["accuracy"], *(get(found) for get in getters)]
+            for (name, res), found in zip(rows, entries, strict=True)]
+    return header, body
 
 
 def _cell(value, mark: bool = False) -> str:
     if value is None or isinstance(value, str):
         return value or ""
+    if isinstance(value, Size):
+        return f"{value:.4g}"
     return f"{value:.2f}" + (NO_EOT_MARK if mark and isinstance(value, UpperBound) else "")
 
 
@@ -134,12 +192,15 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="only results evaluated on this split (default: test)")
     parser.add_argument("--latest", action="store_true", help="only the newest version of each experiment")
+    parser.add_argument("--eps-average", choices=["add", "only"], default=None,
+                        help="add (or show only) each setting's accuracy averaged over its eps grid: the area under "
+                             "the accuracy-vs-eps curve, as the SGR paper reports")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.paths, split=args.split, latest=args.latest)
     except ReportError as e:
         sys.exit(f"advtrain report: error: {e}")
-    header, body = table(rows)
+    header, body = table(rows, eps_average=args.eps_average)
     text = markdown(header, body)
     print(text)
     sizes = {res["n"] for _, res in rows if "n" in res}

@@ -21,8 +21,8 @@ import yaml
 from torch import nn
 
 from attacks import AttackSetting
-from callbacks.robustness import craft as craft_batch
-from callbacks.robustness import is_randomized, load_network, model_hash
+from evaluation import craft as craft_batch
+from evaluation import is_randomized, load_network, model_hash
 
 
 def short_names(checkpoints: list[str]) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -22,3 +23,10 @@ def attack_mode(model: nn.Module):
     finally:
         for module, training in saved:
             module.training = training
+
+
+@torch.no_grad()
+def is_randomized(model: nn.Module, x: Tensor) -> bool:
+    """True when two forward passes of the same input differ: the model is random at this mode (a Tucker layer
+    with theta < 1, dropout left on), so one forward pass is one sample, and attacks need EOT."""
+    return not torch.equal(model(x), model(x))

@@ -1,12 +1,22 @@
-"""Attacks by name, and one attack setting (attack x budget x steps x restarts) as data.
+"""The attack table: every attack the evaluation can run, as one row each.
 
-``AttackSetting`` is what configs write; it checks itself when built, so a typo or an impossible
-budget fails when the config is read, not hours into a run.
+A row names the attack's function and says what it takes: a budget (eps) or none (DeepFool finds the smallest
+perturbation), iterations and a step size (with their defaults), restarts, EOT, the norms it supports, its own
+parameters with their defaults, and the metrics it reports besides accuracy. ``attacks.setting.AttackSetting``
+reads a config entry against its row (a wrong parameter fails when the config is read, naming the attack and
+what it takes) and calls the function with exactly the keywords the row declares. Adding an attack is one
+function in this package and one row here; the evaluation code does not change.
+
+Every function is called as ``fn(model, x, y, [eps,] *, bounds=..., generator=..., <declared keywords>)`` and
+returns ``x_adv``; the caller sets the model's mode (:func:`attacks.mode.attack_mode`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,27 +33,157 @@ from .autoattack import (
     VERSIONS,
     autoattack,
 )
-from .budget import check_steps, format_budget, parse_budget
-from .core import NORMS
+from .budget import parse_budget
+from .deepfool import deepfool
 from .gama import gama_fw, gama_pgd
-from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd
+from .noise import lrc, uniform_noise
+from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd, rfgsm
+from .targeted import pgd_targeted
 
-# name -> (function, takes steps, has a random start)
-ATTACKS = {
-    "fgsm": (fgsm, False, False),
-    "fgsm_rs": (fgsm_rs, False, True),
-    "bim": (bim, True, False),
-    "pgd": (pgd, True, True),
-    "mim": (mim, True, False),
-    "gama_pgd": (gama_pgd, True, True),
-    "gama_fw": (gama_fw, True, True),
-    "autoattack": (autoattack, False, False),
+KINDS = ("single_step", "iterative", "targeted", "noise", "minimal")
+
+
+@dataclass(frozen=True)
+class Param:
+    """An attack's own parameter: its default and what values it accepts.
+
+    kind: ``int``, ``float``, ``str``, ``budget`` (a number or a fraction such as "4/255") or ``path`` (a file
+    that must exist). ``minimum`` bounds numbers from below; ``choices`` lists the accepted strings.
+    """
+
+    default: Any
+    kind: str = "float"
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def check(self, attack: str, name: str, value: Any) -> Any:
+        where = f"{attack} {name}"
+        if value is None and self.default is None:
+            return None
+        if self.kind == "budget":
+            return parse_budget(value, where)
+        if self.kind == "path":
+            if not isinstance(value, str) or not Path(value).is_file():
+                raise ValueError(f"{where}: no such file {value!r}")
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
+                raise ValueError(f"{where} must be one of {', '.join(self.choices or ())}, got {value!r}")
+            return value
+        number_ok = isinstance(value, int) if self.kind == "int" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number_ok or (self.minimum is not None and value < self.minimum):
+            floor = f" >= {self.minimum:g}" if self.minimum is not None else ""
+            raise ValueError(f"{where} must be {'an integer' if self.kind == 'int' else 'a number'}{floor}, "
+                             f"got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One row of the table.
+
+    Args:
+        function: the attack.
+        kind: ``single_step``, ``iterative`` (untargeted), ``targeted``, ``noise`` (no gradient) or ``minimal``
+            (minimal perturbation, no budget); the sanity checks compare iterative with single-step attacks.
+        budget: takes ``eps``.
+        steps: default iterations (an int, or a function of eps); None for single-step attacks (recorded as 1).
+        step: default step size as a function of (eps, steps, params); None when the attack has no step size.
+        tunable: which of ``steps`` and ``step`` a config may set (and the function receives).
+        restarts: has a random start, so restarts (worst case per example) make sense.
+        eot: takes ``eot`` (gradients averaged over draws of a randomized model).
+        norms: supported norms, the default first; ``norm`` is passed when there is a choice.
+        variants: named versions (``version``), the default first (AutoAttack: standard, rand).
+        params: the attack's own parameters.
+        label_params: parameters always shown in the setting's name (others only when not at their default).
+        metrics: reported besides accuracy (:data:`attacks.metrics.METRICS`).
+        keywords: the function's name for a setting field when it differs (GAMA-FW calls its step ``gamma``).
+        fixed: why ``steps``/``step`` cannot be set, for the error message.
+        records: extra fields for the results file.
+    """
+
+    function: Callable[..., Tensor]
+    kind: str
+    budget: bool = True
+    steps: int | Callable[[float], int] | None = None
+    step: Callable[[float, int, dict], float] | None = None
+    tunable: tuple[str, ...] = ("steps", "step")
+    restarts: bool = False
+    eot: bool = False
+    norms: tuple[str, ...] = ("linf",)
+    variants: tuple[str, ...] = ()
+    params: dict[str, Param] = field(default_factory=dict)
+    label_params: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    keywords: dict[str, str] = field(default_factory=dict)
+    fixed: str = ""
+    records: Callable[[Any], dict] | None = None
+
+
+def _autoattack_in_suite(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
+                         version: str = "standard", bounds: tuple[float, float] = (0.0, 1.0),
+                         generator: torch.Generator | None = None) -> Tensor:
+    """:func:`attacks.autoattack.autoattack` as the table calls attacks: the number of classes from one forward
+    pass, the seed drawn from ``generator`` (0 without one), [0, 1] inputs only."""
+    if tuple(bounds) != (0.0, 1.0):
+        raise ValueError(f"autoattack (torchattacks' components) clamps inputs to [0, 1]; this data lives "
+                         f"in {list(bounds)}. Use pgd/gama_pgd for it.")
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)) if generator else 0
+    return autoattack(model, x, y, eps, norm=norm, version=version, n_classes=n_classes, seed=seed)
+
+
+def _autoattack_records(setting) -> dict:
+    version = setting.version or VERSIONS[0]
+    return {"steps": ITERATIONS, "step": None, "version": version, "implementation": AUTOATTACK_VERSION,
+            "stages": list(STAGES[version]),
+            "settings": {"iterations": ITERATIONS, "target_classes": TARGET_CLASSES,
+                         "square_queries": SQUARE_QUERIES, "square_p_init": SQUARE_P_INIT, "apgd_rho": RHO,
+                         "eot_draws": EOT_DRAWS if version == "rand" else 1},
+            "eot_samples": EOT_DRAWS if version == "rand" else 1}
+
+
+def _pgd_step(eps: float, steps: int, params: dict) -> float:
+    return 2.5 * eps / steps
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "fgsm": AttackSpec(fgsm, "single_step", step=lambda eps, steps, p: eps, tunable=(), eot=True),
+    "fgsm_rs": AttackSpec(fgsm_rs, "single_step", step=lambda eps, steps, p: 1.25 * eps, tunable=("step",),
+                          eot=True),
+    "rfgsm": AttackSpec(rfgsm, "single_step", tunable=(), eot=True,
+                        step=lambda eps, steps, p: eps - (eps / 2 if p["alpha"] is None else p["alpha"]),
+                        params={"alpha": Param(None, "budget", help="random step; default eps / 2")}),
+    "bim": AttackSpec(bim, "iterative", steps=bim_steps, step=lambda eps, steps, p: 1 / 255, eot=True),
+    "pgd": AttackSpec(pgd, "iterative", steps=10, step=_pgd_step, restarts=True, eot=True, norms=("linf", "l2")),
+    "pgd_targeted": AttackSpec(pgd_targeted, "targeted", steps=10, step=_pgd_step, restarts=True, eot=True,
+                               norms=("linf", "l2"), label_params=("target",),
+                               params={"target": Param("random", "str", choices=("random", "all"),
+                                                       help="random: one class != y; all: every class != y")}),
+    "mim": AttackSpec(mim, "iterative", steps=10, step=lambda eps, steps, p: eps / steps, eot=True),
+    "gama_pgd": AttackSpec(gama_pgd, "iterative", steps=100, step=lambda eps, steps, p: 2 * eps, restarts=True),
+    "gama_fw": AttackSpec(gama_fw, "iterative", steps=100, step=lambda eps, steps, p: 0.5, restarts=True,
+                          keywords={"step": "gamma"}),
+    "autoattack": AttackSpec(_autoattack_in_suite, "iterative", steps=ITERATIONS, tunable=(),
+                             norms=("linf", "l2"), variants=VERSIONS, fixed="autoattack runs its official settings",
+                             records=_autoattack_records),
+    "deepfool": AttackSpec(deepfool, "minimal", budget=False, steps=50, tunable=("steps",), norms=("l2",),
+                           metrics=("rho", "l2_median"),
+                           params={"overshoot": Param(0.02, minimum=0.0),
+                                   "candidates": Param(10, "int", minimum=2, help="top classes tried"),
+                                   "linearize": Param("clipped", "str", choices=("clipped", "overshoot"),
+                                                      help="clipped: CleverHans; overshoot: the LTS4 code")}),
+    "uniform_noise": AttackSpec(uniform_noise, "noise", tunable=(),
+                                params={"samples": Param(1, "int", minimum=1, help="worst of this many draws")}),
+    "lrc": AttackSpec(lrc, "noise", tunable=(), label_params=("zeta",),
+                      params={"zeta": Param(4.0, minimum=1e-6, help="decay length of K, in pixels"),
+                              "samples": Param(100, "int", minimum=1, help="worst of this many draws"),
+                              "channel_correlation": Param(0.5, minimum=-1.0),
+                              "covariance": Param(None, "path", help="a (d, d) covariance file instead of C x K")}),
 }
-DEFAULT_STEPS = {"gama_pgd": 100, "gama_fw": 100}
-EOT_ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd", "mim")
-# The backward of sign() an attack may use on a binary (XNOR) network (defensive tensorization, Table 4);
-# networks.binary implements them.
-SIGN_SURROGATES = ("ste", "tanh", "tanh0.75")
+
 KURAKIN = "kurakin"  # steps: floor(min(eps + 4, 1.25 eps)) iterations, eps in 1/255 units (Kurakin et al. 2017)
 
 
@@ -53,171 +193,6 @@ def check_attack_name(name: str) -> str:
     return name
 
 
-@dataclass
-class AttackSetting:
-    """One attack configuration.
-
-    Args:
-        attack: one of ``fgsm``, ``fgsm_rs``, ``bim``, ``pgd``, ``mim``, ``gama_pgd``, ``gama_fw``.
-        eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into
-            one setting per budget (:meth:`expand`).
-        steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100), or
-            ``kurakin`` for Kurakin's count floor(min(eps + 4, 1.25 eps)) (eps in 1/255) with any attack.
-        step: step size (None: pgd 2.5 eps / steps, mim eps / steps, bim 1/255, gama_pgd 2 eps, i.e. 16/255
-            at 8/255, divided by 10 at iterations 60 and 85; for gama_fw the Frank-Wolfe gamma, 0.5).
-        restarts: random restarts, keeping each example's worst case (needs a random start).
-        norm: ``linf`` or ``l2`` (l2 for pgd and autoattack only).
-        version: autoattack only: ``standard`` or ``rand``; None chooses ``rand`` for a randomized model
-            (the evaluation detects it) and ``standard`` otherwise.
-        eot: expectation over transformation for randomized models: each gradient is the mean over this
-            many forward passes (fgsm, fgsm_rs, bim, pgd, mim; AutoAttack ``rand`` has its own, 20).
-        omniscient: craft the examples on the network with its randomness off (Tucker theta = 1, the full
-            weights), then test them on the randomized network (defensive tensorization, Table 3). The
-            evaluation applies it (``networks.randomness_off``).
-        surrogate: for binary (XNOR) networks, the backward of sign() the attack uses: ``ste`` (identity
-            clipped to [-1, 1], as in training), ``tanh`` or ``tanh0.75`` (Table 4). Applied by the evaluation.
-    """
-
-    attack: str = "pgd"
-    eps: float | str | list[float | str] = "8/255"
-    steps: int | str | None = None
-    step: float | str | None = None
-    restarts: int = 1
-    norm: str = "linf"
-    version: str | None = None
-    eot: int = 1
-    omniscient: bool = False
-    surrogate: str | None = None
-    _eps_list: list[float] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self):
-        check_attack_name(self.attack)
-        if self.attack == "autoattack" and (self.steps is not None or self.step is not None):
-            raise ValueError("autoattack runs its official settings; steps and step cannot be set")
-        budgets = self.eps if isinstance(self.eps, (list, tuple)) else [self.eps]
-        if not budgets:
-            raise ValueError(f"{self.attack}: eps is an empty list")
-        self._eps_list = [parse_budget(e, f"{self.attack} eps") for e in budgets]
-        if self.step is not None:
-            self.step = parse_budget(self.step, f"{self.attack} step")
-        _, takes_steps, random = ATTACKS[self.attack]
-        if self.steps == KURAKIN and self.attack in ("bim", "pgd", "mim"):
-            pass
-        elif isinstance(self.steps, str):
-            raise ValueError(f"{self.attack} steps: an integer, or '{KURAKIN}' for bim/pgd/mim, got {self.steps!r}")
-        elif self.steps is not None:
-            check_steps(self.steps, f"{self.attack} steps")
-            if not takes_steps and self.steps != 1:
-                raise ValueError(f"{self.attack} is single-step (steps must be 1 or unset); use bim or "
-                                 "pgd for more steps")
-        check_steps(self.restarts, f"{self.attack} restarts")
-        if self.restarts > 1 and not random:
-            raise ValueError(f"{self.attack} has no random start, so restarts={self.restarts} would "
-                             "repeat the same attack; use pgd for restarts")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        if self.norm != "linf" and self.attack not in ("pgd", "autoattack"):
-            raise ValueError(f"norm {self.norm!r} is supported by pgd and autoattack only, not {self.attack}")
-        check_steps(self.eot, f"{self.attack} eot")
-        if self.eot > 1 and self.attack not in EOT_ATTACKS:
-            raise ValueError(f"eot is supported by {', '.join(EOT_ATTACKS)}; {self.attack} has none (autoattack: "
-                             "use version 'rand', which averages 20 draws)")
-        if self.surrogate is not None and self.surrogate not in SIGN_SURROGATES:
-            raise ValueError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SIGN_SURROGATES)}")
-        if self.version is not None and (self.attack != "autoattack" or self.version not in VERSIONS):
-            raise ValueError(f"version {self.version!r}: only autoattack has versions ({', '.join(VERSIONS)})")
-
-    def expand(self) -> list[AttackSetting]:
-        """One setting per budget."""
-        return [replace(self, eps=e) for e in self._eps_list]
-
-    @property
-    def budget(self) -> float:
-        if len(self._eps_list) != 1:
-            raise ValueError("this setting has several budgets; call expand() first")
-        return self._eps_list[0]
-
-    @property
-    def resolved_steps(self) -> int:
-        if self.steps == KURAKIN:
-            return bim_steps(self.budget)
-        if self.steps is not None:
-            return self.steps
-        if self.attack == "bim":
-            return bim_steps(self.budget)
-        if self.attack == "autoattack":
-            return ITERATIONS
-        return DEFAULT_STEPS.get(self.attack, 10) if ATTACKS[self.attack][1] else 1
-
-    @property
-    def resolved_step(self) -> float:
-        if self.step is not None:
-            return float(self.step)
-        eps, steps = self.budget, self.resolved_steps
-        return {"fgsm": eps, "fgsm_rs": 1.25 * eps, "bim": 1 / 255, "pgd": 2.5 * eps / steps,
-                "mim": eps / steps, "gama_pgd": 2 * eps, "gama_fw": 0.5, "autoattack": 0.0}[self.attack]
-
-    @property
-    def name(self) -> str:
-        """A short label such as ``pgd-20x5 linf eps=8/255``."""
-        label = self.attack if self.version is None else f"{self.attack}-{self.version}"
-        if ATTACKS[self.attack][1]:
-            label += f"-{self.resolved_steps}"
-        if self.restarts > 1:
-            label += f"x{self.restarts}"
-        if self.norm != "linf":
-            label += f" {self.norm}"
-        if self.eot > 1:
-            label += f" eot{self.eot}"
-        if self.omniscient:
-            label += " omniscient"
-        if self.surrogate is not None:
-            label += f" sign'={self.surrogate}"
-        return f"{label} eps={format_budget(self.budget)}"
-
-    def as_dict(self) -> dict:
-        entry = {"attack": self.attack, "eps": self.budget, "eps_label": format_budget(self.budget),
-                 "norm": self.norm, "steps": self.resolved_steps, "step": self.resolved_step,
-                 "restarts": self.restarts, "steps_rule": KURAKIN if self.steps == KURAKIN else None,
-                 "eot_samples": self.eot, "omniscient": self.omniscient,
-                 "surrogate": self.surrogate}
-        if self.attack == "autoattack":
-            version = self.version or "standard"
-            entry.update(steps=ITERATIONS, step=None, version=version, implementation=AUTOATTACK_VERSION,
-                         stages=list(STAGES[version]),
-                         settings={"iterations": ITERATIONS, "target_classes": TARGET_CLASSES,
-                                   "square_queries": SQUARE_QUERIES, "square_p_init": SQUARE_P_INIT,
-                                   "apgd_rho": RHO, "eot_draws": EOT_DRAWS if version == "rand" else 1})
-            entry["eot_samples"] = EOT_DRAWS if version == "rand" else 1
-        return entry
-
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-            bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-        """Generate adversarial examples for one batch (the caller sets the model's mode)."""
-        eps, step = self.budget, self.resolved_step
-        common = dict(bounds=bounds, generator=generator)
-        if self.attack in EOT_ATTACKS:
-            common["eot"] = self.eot
-        if self.attack == "fgsm":
-            return fgsm(model, x, y, eps, **common)
-        if self.attack == "fgsm_rs":
-            return fgsm_rs(model, x, y, eps, step=step, **common)
-        if self.attack == "bim":
-            return bim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
-        if self.attack == "mim":
-            return mim(model, x, y, eps, step=step, steps=self.resolved_steps, **common)
-        if self.attack == "autoattack":
-            if tuple(bounds) != (0.0, 1.0):
-                raise ValueError(f"autoattack (torchattacks' components) clamps inputs to [0, 1]; this data lives "
-                                 f"in {list(bounds)}. Use pgd/gama_pgd for it.")
-            with torch.no_grad():
-                n_classes = model(x[:1]).shape[1]
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)) if generator else 0
-            return autoattack(model, x, y, eps, norm=self.norm, version=self.version or "standard",
-                                 n_classes=n_classes, seed=seed)
-        if self.attack == "gama_pgd":
-            return gama_pgd(model, x, y, eps, step=step, steps=self.resolved_steps, restarts=self.restarts, **common)
-        if self.attack == "gama_fw":
-            return gama_fw(model, x, y, eps, gamma=step, steps=self.resolved_steps, restarts=self.restarts, **common)
-        return pgd(model, x, y, eps, step=step, steps=self.resolved_steps, norm=self.norm,
-                   restarts=self.restarts, **common)
+def attacks_with(predicate: Callable[[AttackSpec], bool]) -> list[str]:
+    """Names of the attacks whose row satisfies ``predicate`` (for error messages and checks)."""
+    return [name for name, spec in ATTACKS.items() if predicate(spec)]

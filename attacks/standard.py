@@ -68,3 +68,25 @@ def mim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float
     step = eps / steps if step is None else step
     return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, momentum=decay, loss=loss, eot=eot,
                               bounds=bounds)
+
+
+def rfgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, alpha: float | str | None = None,
+          loss: AttackLoss = cross_entropy, eot: int = 1, bounds: tuple[float, float] = (0.0, 1.0),
+          generator: torch.Generator | None = None) -> Tensor:
+    """R+FGSM (Tramèr et al. 2018, 'Ensemble Adversarial Training', eq. 7): a random step, then FGSM
+    with the rest of the budget::
+
+        x' = clip(x + alpha * sign(N(0, I)))
+        x_adv = clip(x' + (eps - alpha) * sign(grad_x' L(x', y)))   (inside the eps-ball around x)
+
+    alpha defaults to eps / 2 and must lie in [0, eps]. The random step is the ``bernoulli`` start of
+    :func:`attacks.core.projected_gradient` (+-alpha per coordinate with equal probability: the law of
+    alpha * sign(N(0, I))), drawn from ``generator``. This is neither FGSM-RS (:func:`fgsm_rs`, Wong et al.
+    2020: uniform start, one 1.25 eps step) nor torchattacks' ``RFGSM`` (a multi-step attack).
+    """
+    eps = parse_budget(eps)
+    alpha = eps / 2 if alpha is None else parse_budget(alpha, "alpha")
+    if alpha > eps:
+        raise ValueError(f"R+FGSM needs 0 <= alpha <= eps, got alpha={alpha:g} > eps={eps:g}")
+    return projected_gradient(model, x, y, eps=eps, step=eps - alpha, steps=1, start="bernoulli",
+                              start_scale=alpha, loss=loss, eot=eot, bounds=bounds, generator=generator)

@@ -1,7 +1,7 @@
-"""Lightning callbacks: EMA weight averaging and robustness evaluation."""
+"""Lightning callbacks: EMA weight averaging, robustness evaluation (over ``evaluation/``), loss landscapes."""
 
 from .ema import EMA
 from .landscape import LossLandscape, landscape_directions, loss_surface
-from .robustness import RobustnessEvaluation, model_hash
+from .robustness import RobustnessEvaluation
 
-__all__ = ["EMA", "LossLandscape", "RobustnessEvaluation", "landscape_directions", "loss_surface", "model_hash"]
+__all__ = ["EMA", "LossLandscape", "RobustnessEvaluation", "landscape_directions", "loss_surface"]

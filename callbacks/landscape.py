@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from attacks import attack_mode
+from evaluation import is_randomized
 from networks.tucker import is_tensorized, keep_probability
-
-from .robustness import is_randomized
 
 __all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import pytorch_lightning as pl
@@ -10,7 +11,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from attacks import AttackSetting, attack_mode, parse_budget
+from attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
 
 from .rng import rng_states, set_rng_states
 from .schedules import PiecewiseLinearLR
@@ -52,6 +53,11 @@ class AdversarialDefense(pl.LightningModule):
             NuAT's 7-step I-FGSM (``bim``, 7).
         val_seed: seeds the validation attack's random start per batch with a private generator, so
             validation is reproducible and never consumes the global RNG (exact resume).
+        val_draws: for a network with test-time randomness (two forward passes of one input differ, e.g. Tucker
+            layers with theta < 1), ``val/acc_clean``, ``val/acc_robust`` and ``test/acc_clean`` are the mean over
+            this many forward passes, never one (checked once, on the first validation or test batch).
+        val_eot: for such a network the validation attack averages each input gradient over this many forward
+            passes (EOT, Athalye et al. 2018), so the best checkpoint is chosen by an honest robust accuracy.
         channels_last: convert the network and its 4-D inputs to channels_last (faster convs on GPUs).
         compile: ``torch.compile`` the network in place (state_dict keys stay the same).
     """
@@ -66,6 +72,8 @@ class AdversarialDefense(pl.LightningModule):
         val_steps: int | None = 10,
         val_step: float | str | None = None,
         val_seed: int = 0,
+        val_draws: int = 10,
+        val_eot: int = 10,
         channels_last: bool = False,
         compile: bool = False,
     ):
@@ -76,6 +84,14 @@ class AdversarialDefense(pl.LightningModule):
         self.eps = parse_budget(eps, "eps")
         self.val_setting = AttackSetting(attack=val_attack, eps=self.eps, steps=val_steps, step=val_step)
         self.val_seed = val_seed
+        for name, value in (("val_draws", val_draws), ("val_eot", val_eot)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if val_eot > 1 and not ATTACKS[val_attack].eot:
+            raise ValueError(f"val_eot: the validation attack {val_attack} has no EOT; choose one of "
+                             f"{', '.join(n for n, spec in ATTACKS.items() if spec.eot)}, or val_eot: 1")
+        self.val_draws, self.val_eot = val_draws, val_eot
+        self._randomized: bool | None = None  # test-time randomness, probed on the first evaluated batch
         self.channels_last = channels_last
         self.compile_network = compile
         classes = num_classes_of(network)
@@ -141,29 +157,49 @@ class AdversarialDefense(pl.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return tuple(getattr(datamodule, "input_bounds", (0.0, 1.0)))
 
+    def evaluation_draws(self, x: Tensor) -> int:
+        """Forward passes per input for validation and test: ``val_draws`` for a randomized network, else 1."""
+        if self._randomized is None:
+            # the probe must not consume the global RNG (a tensorized network's masks draw from it): a resumed run
+            # probes at another point than an uninterrupted one and must still continue bitwise
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                self._randomized = is_randomized(self.network, x)
+        return self.val_draws if self._randomized else 1
+
+    def _validation_attack(self, network: nn.Module, x: Tensor, y: Tensor, batch_idx: int, draws: int) -> Tensor:
+        setting = self.val_setting if draws == 1 else replace(self.val_setting, eot=self.val_eot)
+        # the evaluation loop runs under no_grad (trainer.inference_mode must be False)
+        with torch.enable_grad(), attack_mode(network):
+            generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
+            return setting.run(network, x, y, generator=generator, bounds=self.input_bounds)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         x = self.prepare_input(x)
-        self.val_acc_clean(self.network(x), y)
-        # the evaluation loop runs under no_grad (trainer.inference_mode must be False)
-        with torch.enable_grad(), attack_mode(self.network):
-            generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
-            x_adv = self.val_setting.run(self.network, x, y, generator=generator, bounds=self.input_bounds)
-        self.val_acc_robust(self.network(x_adv), y)
+        draws = self.evaluation_draws(x)
+        with torch.no_grad():
+            for _ in range(draws):
+                self.val_acc_clean(self.network(x), y)
+        x_adv = self._validation_attack(self.network, x, y, batch_idx, draws)
+        with torch.no_grad():
+            for _ in range(draws):
+                self.val_acc_robust(self.network(x_adv), y)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_robust", self.val_acc_robust, prog_bar=True)
         for name, network in self.extra_validation_networks.items():
-            with torch.enable_grad(), attack_mode(network):
-                generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
-                x_adv = self.val_setting.run(network, x, y, generator=generator, bounds=self.input_bounds)
-                clean_ok = (network(x).argmax(1) == y).float().mean()
-                robust_ok = (network(x_adv).argmax(1) == y).float().mean()
+            x_adv = self._validation_attack(network, x, y, batch_idx, draws)
+            with torch.no_grad(), attack_mode(network):
+                clean_ok = sum((network(x).argmax(1) == y).float().mean() for _ in range(draws)) / draws
+                robust_ok = sum((network(x_adv).argmax(1) == y).float().mean() for _ in range(draws)) / draws
             self.log(f"val/acc_clean_{name}", clean_ok, batch_size=len(y), sync_dist=True)
             self.log(f"val/acc_robust_{name}", robust_ok, batch_size=len(y), sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.test_acc_clean(self.network(self.prepare_input(x)), y)
+        x = self.prepare_input(x)
+        with torch.no_grad():
+            for _ in range(self.evaluation_draws(x)):
+                self.test_acc_clean(self.network(x), y)
         self.log("test/acc_clean", self.test_acc_clean)
 
     def configure_optimizers(self):

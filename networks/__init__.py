@@ -11,6 +11,7 @@ from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .soundnet import SoundNet5
+from .squeeze import FeatureSqueezing
 from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
 from .tucker import Tensorized, TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off, tensorize
 from .wide_resnet import WideResNet
@@ -32,6 +33,7 @@ __all__ = [
     "Binarized",
     "CarliniCNN",
     "DigitsCNN",
+    "FeatureSqueezing",
     "Normalize",
     "PreActResNet18",
     "ResNet18",

@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks.surrogates import register_surrogates
+
 from .tucker import TuckerConv, TuckerLayer, TuckerLinear
 from .wrapper import TransformedNetwork, temporarily_set
 
-SURROGATES = ("ste", "tanh", "tanh0.75")
+SURROGATES = ("ste", "tanh", "tanh0.75")  # the first is training's; XNOR declares these (attacks.surrogates)
 
 _FORWARDED = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
               "dilation", "groups")
@@ -96,6 +98,7 @@ def _is_binarizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, TuckerConv, TuckerLinear)) or type(module) is nn.Linear
 
 
+@register_surrogates
 class XNOR(nn.Module):
     """XNOR-Net binary version of one Conv1d / Conv2d / Linear (or Tucker) layer, kept as ``self.layer``.
 
@@ -105,7 +108,14 @@ class XNOR(nn.Module):
     See the module docstring. ``self.bn`` normalizes the input channels (BatchNorm1d for Conv1d and Linear,
     BatchNorm2d for Conv2d). Conv attributes (in_channels, stride, ...) and in/out_features are forwarded to
     the inner layer, so code that reads ``head.out_features`` keeps working.
+
+    Declares its sign backwards as attack surrogates (``attacks.surrogates``): ``bpda: true`` picks the
+    straight-through estimator, and a setting that chooses one is labelled ``sign'=<name>``.
     """
+
+    SURROGATES = SURROGATES
+    BPDA = "ste"
+    SURROGATE_LABEL = "sign'={}"  # evaluation result names ("fgsm sign'=tanh eps=...") depend on it
 
     def __init__(self, layer: nn.Module, surrogate: str = "ste"):
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cli_utils import advtrain, config
 
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -32,3 +33,28 @@ def test_ddp_fit_and_sharded_evaluation_equal_one_process(tmp_path):
     assert ddp["per_example"] == single["per_example"]  # example for example
     assert ddp["model_hash"] == single["model_hash"]
     assert 0 < single["attacks"][-1]["correct"] < single["clean"]["correct"]
+
+
+def test_ddp_evaluation_of_the_table_attacks_equals_one_process(tmp_path):
+    """Budget-free DeepFool with its per-example sizes, worst-of-k noise and the multi-targeted attack, sharded
+    over 2 processes: counts and sizes equal a one-process evaluation example for example."""
+    cfg = config("demo/standard.yaml")
+    advtrain("fit", "-c", cfg, "--trainer.max_epochs", 1, *FAST, cwd=tmp_path)
+    ckpt = tmp_path / "runs" / "demo" / "standard" / "version_0" / "checkpoints" / "last.ckpt"
+    suite = json.dumps([{"attack": "deepfool"}, {"attack": "lrc", "eps": 0.1, "zeta": 2, "samples": 3},
+                        {"attack": "pgd_targeted", "eps": 0.1, "steps": 3, "target": "all"}])
+    common = ["--ckpt_path", ckpt, "--evaluation.attacks", suite, "--evaluation.limit", 100,
+              "--evaluation.batch_size", 25, "--evaluation.sanity_checks", "false", *FAST]
+    advtrain("test", "-c", cfg, *DDP, *common, "--evaluation.filename", "ddp", cwd=tmp_path)
+    advtrain("test", "-c", cfg, *common, "--evaluation.filename", "single", cwd=tmp_path)
+    run = ckpt.parent.parent
+    ddp = json.loads((run / "ddp.json").read_text())
+    single = json.loads((run / "single.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["per_example"] == single["per_example"]
+    # sizes to float precision: a process of a 2-process run uses other thread counts, so convolutions sum in
+    # another order (the counts above are exact)
+    for name, sizes in single["per_example_metrics"].items():
+        for metric, values in sizes.items():
+            assert ddp["per_example_metrics"][name][metric] == pytest.approx(values, rel=1e-4, abs=1e-6)
+    assert ddp["attacks"][0]["metrics"] == pytest.approx(single["attacks"][0]["metrics"], rel=1e-4)
+    assert min(single["per_example_metrics"]["deepfool-50"]["rho"]) > 0  # every example was attacked once

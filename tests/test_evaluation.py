@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks import RobustnessEvaluation
-from callbacks.sanity import sanity_verdicts
 from datamodules import Digits
 from defenses import Standard
+from evaluation import sanity_verdicts
 
 SUITE = [{"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 10}]
 

@@ -107,7 +107,7 @@ def test_eot_pgd_is_no_weaker_than_pgd_and_results_record_the_draws(tmp_path, te
 
 def test_omniscient_examples_are_crafted_at_theta_one(tmp_path, tensorized_state):
     """The omniscient setting's examples equal PGD run by hand on the network with randomness off."""
-    from callbacks.robustness import craft
+    from evaluation import craft
 
     torch.manual_seed(0)
     network = tensorize(DigitsMLP(hidden=64), theta=0.7, exclude=["head"])

@@ -104,7 +104,7 @@ def test_speech_commands_soundnet5_recipes_run_on_a_fixture_folder(tmp_path, mon
 def test_audio_attacks_stay_in_the_waveform_range(tmp_path, monkeypatch):
     """Speech Commands lives in [-1, 1]: the evaluation's attacks clamp there, not to [0, 1]."""
     from attacks import AttackSetting
-    from callbacks.robustness import craft
+    from evaluation import craft
     from networks import SoundNet5
 
     torch.manual_seed(0)

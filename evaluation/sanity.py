@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-ITERATIVE = {"bim", "pgd", "mim", "gama_pgd", "gama_fw", "autoattack"}
+from attacks import ATTACKS
+
 LARGE_EPS = 0.5  # in [0, 1] images: any image can be turned into mid-grey, so accuracy should be ~0
 NEAR_ZERO = 0.10
 
@@ -18,10 +19,18 @@ def _verdict(check: str, passed: bool, detail: str, cause: str) -> dict:
     return {"check": check, "passed": bool(passed), "detail": detail, "likely_cause": None if passed else cause}
 
 
+def _kind(a: dict) -> str | None:
+    spec = ATTACKS.get(a["attack"])
+    return None if spec is None else spec.kind
+
+
 def _variant(a: dict) -> tuple:
-    """What besides attack, budget and steps makes two settings different threat models (EOT draws, the
-    omniscient attacker, the surrogate gradient of sign): only settings of one variant are compared."""
-    return a.get("eot_samples", 1), a.get("omniscient", False), a.get("surrogate")
+    """What besides attack, budget and steps makes two settings different threat models or attacks (EOT draws,
+    the omniscient attacker, a surrogate or BPDA, the attack's own parameters such as LRC's decay length): only
+    settings of one variant are compared."""
+    spec = ATTACKS.get(a["attack"])
+    own = tuple((name, repr(a.get(name))) for name in (spec.params if spec else ()))
+    return a.get("eot_samples", 1), a.get("omniscient", False), a.get("surrogate"), a.get("bpda", False), own
 
 
 def paired_noise(a: dict, b: dict) -> float:
@@ -66,6 +75,7 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
             "gradient masking (zero, shattered or randomized gradients) or a wrong input range: an "
             "unbounded-looking budget should break every model"))
 
+    attacks = [a for a in attacks if a.get("eps") is not None]  # budget-free attacks (DeepFool) have no eps axis
     families = defaultdict(list)
     for a in attacks:
         # a step-count rule (Kurakin's: more steps at larger eps) is one family across budgets
@@ -86,8 +96,8 @@ def sanity_verdicts(clean: float, attacks: list[dict], eps_zero: float | None, l
     for a in attacks:
         by_eps[(round(a["eps"], 8), a["norm"])].append(a)
     for (eps, _), runs in by_eps.items():
-        single = [a for a in runs if a["attack"] in ("fgsm", "fgsm_rs")]
-        iterative = [a for a in runs if a["attack"] in ITERATIVE]
+        single = [a for a in runs if _kind(a) == "single_step"]
+        iterative = [a for a in runs if _kind(a) == "iterative"]
         if single and iterative:
             best_single = min(single, key=lambda a: a["accuracy"])
             best_iterative = min(iterative, key=lambda a: a["accuracy"])

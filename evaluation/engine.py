@@ -1,0 +1,170 @@
+"""The evaluation loop's parts: which attacks run on which network, one batch attacked and scored, the per-batch
+cache that makes an interrupted evaluation resumable, DDP sharding, and the per-example totals.
+
+Nothing here knows Lightning: the callback (``callbacks.RobustnessEvaluation``) hands in batches and a
+``reduce`` (sum across processes) and gets plain tensors back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from attacks import AttackSetting
+from attacks.metrics import METRICS
+
+from .threat import craft
+
+SEED_MIX = 1_000_003
+
+
+class Run(NamedTuple):
+    """One attack setting and the network its examples are crafted on (the evaluated one, or a surrogate)."""
+
+    setting: AttackSetting
+    source: nn.Module
+
+
+class TransferSource(NamedTuple):
+    """Where a transfer run's examples come from, and the white-box setting it is compared with."""
+
+    source: str
+    label: str
+    white_box_index: int
+
+
+def plan_runs(settings: list[AttackSetting], network: nn.Module, surrogates: list[tuple[str, nn.Module]],
+              theta_one: bool, sanity_settings: list[AttackSetting]) -> tuple[list[Run], list[TransferSource]]:
+    """The white-box suite on ``network``; every setting again from each surrogate checkpoint and, with
+    ``theta_one``, from the same network at theta = 1 (settings already omniscient are that attack); then the
+    sanity runs. Returns the runs and, per transfer run, its source."""
+    runs = [Run(s, network) for s in settings]
+    transfer = []
+    for path, surrogate in surrogates:
+        runs += [Run(s, surrogate) for s in settings]
+        transfer += [TransferSource(path, Path(path).stem, j) for j in range(len(settings))]
+    if theta_one:
+        indices = [j for j, s in enumerate(settings) if not s.omniscient]
+        runs += [Run(replace(settings[j], omniscient=True), network) for j in indices]
+        transfer += [TransferSource("theta=1 (same network, randomness off)", "theta=1", j) for j in indices]
+    return runs + [Run(s, network) for s in sanity_settings], transfer
+
+
+def metric_keys(runs: list[Run]) -> list[tuple[int, str]]:
+    """(run index, metric name) for every metric a run's attack reports besides accuracy."""
+    return [(i, m) for i, run in enumerate(runs) for m in run.setting.spec.metrics]
+
+
+def correct(network: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
+    """(draws, B) bool: correct in each forward pass."""
+    with torch.no_grad():
+        return torch.stack([network(x).argmax(1) == y for _ in range(draws)])
+
+
+def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, batch_idx: int, draws: int,
+                   seed: int, bounds: tuple[float, float]) -> dict:
+    """Attack one batch with every run and score it over ``draws`` forward passes.
+
+    Run i's random starts come from a generator seeded by (seed, i, batch_idx), so any process attacking
+    this batch gets the same examples. Deterministic network: robust = correct clean and attacked. Randomized:
+    the clean and the attacked forward are independent draws, so requiring both would count the randomness
+    twice (accuracy at eps 0 would fall below clean accuracy); a draw counts as robust when it classifies the
+    adversarial input correctly."""
+    clean_ok = correct(network, x, y, draws)
+    robust, seconds, metrics = [], [], {}
+    for i, (setting, source) in enumerate(runs):
+        t0 = time.perf_counter()
+        generator = torch.Generator(device=x.device).manual_seed((seed * SEED_MIX + i) * SEED_MIX + batch_idx)
+        x_adv = craft(setting, source, x, y, generator, bounds)
+        adv_ok = correct(network, x_adv, y, draws)
+        robust.append(adv_ok if draws > 1 else clean_ok & adv_ok)
+        for name in setting.spec.metrics:
+            metrics[f"{i}:{name}"] = METRICS[name].per_example(x, x_adv).cpu()
+        seconds.append(time.perf_counter() - t0)
+    # (S, draws, B) -> per example: number of draws correct; per draw: number of examples correct
+    robust = torch.stack(robust) if robust else torch.zeros(0, draws, len(y), dtype=torch.bool, device=x.device)
+    return {"clean": clean_ok.sum(0).cpu(), "robust": robust.sum(1).cpu(),
+            "clean_per_draw": clean_ok.sum(1).cpu(), "robust_per_draw": robust.sum(2).cpu(),
+            "seconds": torch.tensor(seconds, dtype=torch.float64), "metrics": metrics}
+
+
+def own_batches(n_batches: int, rank: int, world: int) -> list[int]:
+    """Under DDP, rank r attacks batches r, r + W, r + 2W, ... of the one-process batching."""
+    return list(range(rank, n_batches, world))
+
+
+def fingerprint(settings: list[AttackSetting], surrogates: list[str], seed: int, split: str, n: int,
+                batch_size: int, draws: int, model: str) -> str:
+    """What the saved batches depend on: a rerun with anything else changed starts afresh."""
+    key = json.dumps({"settings": [s.as_dict() for s in settings], "surrogates": surrogates, "seed": seed,
+                      "split": split, "n": n, "batch_size": batch_size, "draws": draws, "model": model},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class BatchCache:
+    """Finished batches on disk, ``<root>/<fingerprint>/b<index>.pt``: an interrupted evaluation reuses them."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.root, self.folder = Path(root), Path(root) / fingerprint
+
+    def _file(self, batch_idx: int) -> Path:
+        return self.folder / f"b{batch_idx:06d}.pt"
+
+    def has(self, batch_idx: int) -> bool:
+        return self._file(batch_idx).exists()
+
+    def save(self, batch_idx: int, result: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(result, self._file(batch_idx))
+
+    def load(self, batch_idx: int) -> dict:
+        return torch.load(self._file(batch_idx), weights_only=True)
+
+    def remove(self) -> None:
+        """Delete this evaluation's batches, and the cache folder once no other evaluation's are left."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
+
+
+@dataclass
+class Tally:
+    """Per-example totals of one evaluation, filled batch by batch and summed across processes."""
+
+    n: int
+    runs: int
+    draws: int
+    metric_keys: list[tuple[int, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.clean = torch.zeros(self.n, dtype=torch.int64)
+        self.robust = torch.zeros(self.runs, self.n, dtype=torch.int64)
+        self.clean_per_draw = torch.zeros(self.draws, dtype=torch.int64)
+        self.robust_per_draw = torch.zeros(self.runs, self.draws, dtype=torch.int64)
+        self.seconds = torch.zeros(self.runs, dtype=torch.float64)
+        self.metrics = {key: torch.zeros(self.n, dtype=torch.float64) for key in self.metric_keys}
+
+    def add(self, index: list[int], result: dict) -> None:
+        self.clean[index] = result["clean"]
+        self.robust[:, index] = result["robust"]
+        self.clean_per_draw += result["clean_per_draw"]
+        self.robust_per_draw += result["robust_per_draw"]
+        self.seconds += result["seconds"]
+        for i, name in self.metric_keys:
+            self.metrics[i, name][index] = result["metrics"][f"{i}:{name}"]
+
+    def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum every total across processes (each example belongs to one process; the others hold zeros)."""
+        for name in ("clean", "robust", "clean_per_draw", "robust_per_draw", "seconds"):
+            setattr(self, name, reduce(getattr(self, name)))
+        self.metrics = {key: reduce(values) for key, values in self.metrics.items()}

@@ -1,3 +1,5 @@
+import sys
+
 from advtrain.cli import main
 
-main()
+sys.exit(main())

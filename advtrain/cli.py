@@ -7,23 +7,33 @@ subclass mode, TensorBoard under ``runs/``, and the checkpointing and evaluation
     advtrain report runs/cifar10                                       # results of many runs as one table
     advtrain transfer -c CONFIG --checkpoints A.ckpt B.ckpt --attack '{"attack": "pgd", "eps": "8/255"}'
     advtrain covariance -c CONFIG --output cov.pt                      # the data set's input covariance
+
+Every mistake a user can fix (a config typo, a budget in the wrong units, a missing or corrupted data set or
+checkpoint, a GPU preset without a GPU) ends in one line and exit code 2, and a run that fails before it trained
+anything leaves no run directory behind.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks import RobustnessEvaluation
+from datamodules import DatasetError
 from defenses import AdversarialDefense
+
+from .checkpoints import CheckpointError, check_checkpoint, find_checkpoint, unreadable
+from .guards import UsageError, check_accelerator, check_budgets, class_hint, remove_failed_run, remove_new_logs
+from .saved_config import SaveConfigPerStage
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
@@ -31,15 +41,26 @@ TRAINER_DEFAULTS = {
     # attacks need gradients during validation and test
     "inference_mode": False,
 }
+USER_ERRORS = (DatasetError, CheckpointError, UsageError)
 
 
-class SaveConfigPerStage(SaveConfigCallback):
-    """Writes ``config_fit.yaml`` / ``config_test.yaml`` so a test run in a training run's directory
-    does not overwrite the training config."""
+def fail(message: str) -> None:
+    """One line on stderr and exit code 2: the way every user-fixable error ends."""
+    sys.stderr.write(f"advtrain: error: {message}\n")
+    sys.exit(2)
 
-    def setup(self, trainer, pl_module, stage):
-        self.config_filename = f"config_{getattr(stage, 'value', stage)}.yaml"
-        super().setup(trainer, pl_module, stage)
+
+class AdvtrainParser(LightningArgumentParser):
+    """A config error is the error itself (with the classes a misspelled class path could have meant), not the
+    usage text of every option before it."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        hint = class_hint(message)
+        sys.stderr.write(f"advtrain: error: {message.strip()}\n" + (f"advtrain: hint: {hint}\n" if hint else "")
+                         + f"(`{self.prog.replace(' [options]', '')} --help` lists every option)\n")
+        sys.exit(2)
 
 
 def experiment_name(config_files) -> str:
@@ -51,32 +72,15 @@ def experiment_name(config_files) -> str:
     return f"{paths[-1].parent.name}/{paths[-1].stem}" if paths[-1].parent.name else paths[-1].stem
 
 
-def _versions(root: Path) -> list[Path]:
-    """Run directories under ``root``, newest version last."""
-    found = [p for p in root.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def find_checkpoint(root: Path, which: str) -> Path | None:
-    """The newest run's ``last.ckpt`` (which='last') or best checkpoint (which='best') under ``root``."""
-    for run in reversed(_versions(root)):
-        ckpt_dir = run / "checkpoints"
-        if which == "last" and (ckpt_dir / "last.ckpt").exists():
-            return ckpt_dir / "last.ckpt"
-        if which == "best":
-            best = sorted(ckpt_dir.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if best:
-                return best[-1]
-    return None
-
-
 class AdvtrainCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_callback", SaveConfigPerStage)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_class", AdvtrainParser)
+        self.run_dir: Path | None = None
+        self.run_dir_existed = True
         super().__init__(AdversarialDefense, pl.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -100,57 +104,139 @@ class AdvtrainCLI(LightningCLI):
         })
         parser.add_lightning_class_args(RobustnessEvaluation, "evaluation")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="torch CPU threads per process (default: torch's choice). On a machine shared "
+                                 "with other jobs, 1 per process is often several times faster")
+        parser.add_argument("--allow_large_eps", type=bool, default=False,
+                            help="accept Linf budgets larger than half the input range (usually 8 meant 8/255)")
 
-    def instantiate_classes(self):
-        """Turn errors raised while building the model, data or callbacks (a missing dataset, an
-        impossible budget) into one line and exit code 2, instead of a traceback through jsonargparse."""
-        try:
-            super().instantiate_classes()
-            # a surrogate or BPDA the network cannot honour fails now, not after training
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, RobustnessEvaluation):
-                    callback.check_network(self.model.network)
-        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-            reasons = [line.strip()[2:] for line in str(error).splitlines()
-                       if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
-            sys.stderr.write(f"advtrain: error: {'; '.join(reasons) or error}\n")
-            sys.exit(2)
+    # ---- before anything is built ----------------------------------------------------------------
+    def _section(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
 
-    def before_instantiate_classes(self):
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` / ``best`` to a file that loads, and refuse an unreadable file, before
+        Lightning reads it."""
+        self.subcommand = self.config.get("subcommand")  # Lightning sets it only after this method
+        if self.subcommand:
+            try:
+                self._resolve_checkpoint(self._section())
+            except USER_ERRORS as error:
+                fail(str(error))
+        super()._parse_ckpt_path()
+
+    def _resolve_checkpoint(self, config) -> None:
         logger = config.trainer.logger
-        if not logger or "TensorBoardLogger" not in str(getattr(logger, "class_path", "")):
-            return
-        args = logger.init_args
-        if args.name is None:
-            args.name = experiment_name(config.get("config"))
+        tensorboard = bool(logger) and "TensorBoardLogger" in str(getattr(logger, "class_path", ""))
+        if tensorboard and logger.init_args.name is None:
+            logger.init_args.name = experiment_name(config.get("config"))
         ckpt = config.get("ckpt_path")
         if ckpt in ("last", "best"):
-            found = find_checkpoint(Path(args.save_dir) / args.name, ckpt)
+            if not tensorboard:
+                raise UsageError(f"--ckpt_path {ckpt} looks under the TensorBoard run folders; with another logger "
+                                 "give the path of a .ckpt file")
+            root = Path(logger.init_args.save_dir) / logger.init_args.name
+            found, notes = find_checkpoint(root, ckpt, self._training_settings(config))
+            for note in notes:
+                rank_zero_info(f"--ckpt_path {ckpt}: {note}")
             if found is None:
-                if self.subcommand == "fit" and ckpt == "last":
-                    rank_zero_info(f"--ckpt_path last: no last.ckpt under {Path(args.save_dir) / args.name}; "
-                                   "starting a new run")
+                if self.subcommand == "fit" and ckpt == "last" and not notes:
+                    rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run")
                     config.ckpt_path = None
                     return
-                sys.exit(f"--ckpt_path {ckpt}: no checkpoint found under {Path(args.save_dir) / args.name}/"
-                         "version_*/checkpoints. Train first, or give the path of a .ckpt file.")
-            config.ckpt_path = str(found)
-            rank_zero_info(f"--ckpt_path {ckpt}: using {found}")
-        ckpt = config.get("ckpt_path")
+                raise CheckpointError(f"--ckpt_path {ckpt}: no usable checkpoint under {root}/version_*/checkpoints"
+                                      + (f" ({'; '.join(notes)})" if notes else "") +
+                                      ". Train first, or give the path of a .ckpt file")
+            config.ckpt_path = ckpt = str(found)
         if not ckpt and self.subcommand in ("test", "validate"):
             rank_zero_info(f"advtrain {self.subcommand} without --ckpt_path evaluates the network as the config "
                            "builds it (freshly initialized, unless the config loads a checkpoint into it); pass "
                            "--ckpt_path best, last or a .ckpt file for a trained run")
         if ckpt:
-            ckpt_path = Path(ckpt)
-            if not ckpt_path.exists():
-                sys.exit(f"--ckpt_path {ckpt}: no such file")
+            path = Path(ckpt)
+            if not path.is_file():
+                raise CheckpointError(f"--ckpt_path {ckpt}: no such file")
+            reason = unreadable(path)
+            if reason is not None:
+                others = [str(p) for p in sorted(path.parent.glob("*.ckpt")) if p != path]
+                raise CheckpointError(f"--ckpt_path {ckpt}: the file is {reason}" + (
+                    f"; other checkpoints of this run: {', '.join(others)}" if others else ""))
             # keep writing into the run the checkpoint came from: resumed TensorBoard curves continue
             # and test results land next to the training run
-            if ckpt_path.parent.name == "checkpoints" and args.version is None:
-                run_dir = ckpt_path.parent.parent
+            if tensorboard and path.parent.name == "checkpoints" and logger.init_args.version is None:
+                run_dir = path.parent.parent
+                args = logger.init_args
                 args.save_dir, args.name, args.version = str(run_dir.parent), "", run_dir.name
+
+    def _training_settings(self, config) -> dict | None:
+        """The current config as saved in config_fit.yaml, for comparing with a run's (None if it cannot be
+        written out yet, e.g. a class path that does not resolve: the comparison is then skipped)."""
+        try:
+            return yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False, skip_check=True))
+        except Exception:  # noqa: BLE001 - a config jsonargparse cannot dump here fails later, with its own message
+            return None
+
+    def before_instantiate_classes(self):
+        config = self._section()
+        if config.get("threads"):
+            torch.set_num_threads(config.threads)
+        try:
+            check_accelerator(config.trainer.accelerator)
+        except UsageError as error:
+            fail(str(error))
+
+    # ---- building -------------------------------------------------------------------------------------
+    def instantiate_classes(self):
+        """Turn errors raised while building the model, data or callbacks (a missing dataset, an impossible
+        budget, a checkpoint of another network) into one line and exit code 2, before anything is written."""
+        try:
+            super().instantiate_classes()
+            self._check_built()
+        except USER_ERRORS as error:
+            fail(str(error))
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+            reasons = [line.strip()[2:] for line in str(error).splitlines()
+                       if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+            fail("; ".join(reasons) or str(error))
+
+    def _check_built(self) -> None:
+        config = self._section()
+        evaluations = [cb for cb in self.trainer.callbacks if isinstance(cb, RobustnessEvaluation)]
+        for evaluation in evaluations:  # a surrogate or BPDA the network cannot honour fails now
+            evaluation.check_network(self.model.network)
+        if not config.get("allow_large_eps"):
+            bounds = tuple(float(b) for b in getattr(self.datamodule, "input_bounds", (0.0, 1.0)))
+            check_budgets(self.model, [s for e in evaluations for s in e.settings], bounds)
+        if config.get("ckpt_path"):
+            check_checkpoint(Path(config.ckpt_path), self.model)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        if config.get("enable_checkpointing") is False:
+            # honour the flag: our best/last checkpoint callbacks would make Lightning refuse it
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+            config["callbacks"] = [cb for cb in config.get("callbacks") or [] if not isinstance(cb, ModelCheckpoint)]
+            rank_zero_info("checkpointing is off: no best or last checkpoint will be written")
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---- running ----------------------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run fit/test/...; a problem the user can fix ends in one line and exit code 2, not a traceback; a run
+        that fails before it wrote a checkpoint or results leaves no run directory behind."""
+        zero = self.trainer.is_global_zero
+        self.run_dir = Path(self.trainer.log_dir) if zero and self.trainer.log_dir else None
+        self.run_dir_existed = self.run_dir is None or self.run_dir.exists()
+        before = set(self.run_dir.iterdir()) if self.run_dir is not None and self.run_dir_existed else set()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as error:
+            if zero and remove_failed_run(self.run_dir, self.run_dir_existed):
+                rank_zero_info(f"removed {self.run_dir}: the run failed before writing anything worth keeping")
+            elif zero and subcommand != "fit" and self.run_dir is not None:
+                # a failed test produced nothing: take back its config and event files from the run it tested
+                remove_new_logs(self.run_dir, before)
+            if isinstance(error, USER_ERRORS):
+                fail(str(error))
+            raise
 
 
 class _DropAdvertisement(logging.Filter):
@@ -165,26 +251,26 @@ def quiet_lightning_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def main(args=None):
+def main(args=None) -> int:
+    """The console script: exit code 0 on success (``sys.exit(main())``), 2 on a user's mistake."""
     argv = sys.argv[1:] if args is None else args
-    # report and transfer are not LightningCLI subcommands
-    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+    command = list(argv[:1]) if isinstance(argv, (list, tuple)) else []
+    # report, transfer and covariance are not LightningCLI subcommands
+    if command == ["report"]:
         from advtrain import report
 
-        return report.main(list(argv[1:]))
-    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["transfer"]:
-        from advtrain import transfer
+        report.main(list(argv[1:]))
+        return 0
+    if command in (["transfer"], ["covariance"]):
+        from advtrain import covariance, transfer
 
         quiet_lightning_noise()
-        return transfer.main(list(argv[1:]))
-    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["covariance"]:
-        from advtrain import covariance
-
-        quiet_lightning_noise()
-        return covariance.main(list(argv[1:]))
+        (transfer if command == ["transfer"] else covariance).main(list(argv[1:]))
+        return 0
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,8 @@ directories, laid out like the papers' tables (rows: defenses; columns: clean, t
     advtrain report runs/mnist --eps-average only          # accuracy averaged over each eps grid (SGR)
 
 Rows are named by experiment: the run directory relative to the runs' common root, without
-``version_N`` unless an experiment has several versions. Columns are the attack settings in the order
+``version_N`` unless an experiment has several versions, and by the checkpoint that was evaluated (every
+``advtrain test`` of a run keeps its own ``robustness-<checkpoint>.json``). Columns are the attack settings in the order
 they first appear; a cell is robust accuracy in percent, empty where a run lacks that setting. For a
 randomized network the cell is the mean over draws, and a setting attacked with single-draw gradients (no EOT)
 is marked with a dagger in the markdown: an upper bound on robust accuracy. Attacks that report perturbation
@@ -23,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-RESULTS = "robustness.json"
+RESULTS = "robustness*.json"  # robustness.json, robustness-<checkpoint>.json, ...-2.json
 NO_EOT_MARK = "†"
 
 
@@ -66,9 +67,15 @@ def _version(run_dir: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _checkpoint_order(results: dict) -> tuple:
+    """Rows of one run: the evaluation of the freshest weights last (by the checkpoint's step), then by time."""
+    step = results.get("global_step")
+    return (-1 if step is None else step, str(results.get("time", "")))
+
+
 def collect(paths: list[str | Path], split: str = "test", latest: bool = False) -> list[tuple[str, dict]]:
-    """(row name, results) for every result file of ``split`` under ``paths``, sorted by experiment and
-    version."""
+    """(row name, results) for every result file of ``split`` under ``paths``, sorted by experiment, version and
+    checkpoint. A row evaluated from a checkpoint is named with it: ``pgd_at [best-epoch042]``."""
     files = find_results(paths)
     runs = []  # (experiment dir, version or None, results)
     for file in files:
@@ -77,17 +84,23 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
             version = _version(file.parent)
             runs.append((file.parent.parent if version is not None else file.parent, version, results))
     if not runs:
-        raise ReportError(f"none of the {len(files)} {RESULTS} files under {', '.join(map(str, paths))} "
+        raise ReportError(f"none of the {len(files)} result files under {', '.join(map(str, paths))} "
                           f"has results for the {split} split")
-    runs.sort(key=lambda r: (str(r[0]), -1 if r[1] is None else r[1]))
+    runs.sort(key=lambda r: (str(r[0]), -1 if r[1] is None else r[1], _checkpoint_order(r[2])))
     if latest:
-        runs = list({experiment: (experiment, v, res) for experiment, v, res in runs}.values())
+        newest = {experiment: v for experiment, v, _ in runs}
+        runs = [r for r in runs if r[1] == newest[r[0]]]
     root = Path(os.path.commonpath([experiment.parent for experiment, _, _ in runs]))
-    versions: dict[Path, int] = {}
-    for experiment, _, _ in runs:
-        versions[experiment] = versions.get(experiment, 0) + 1
-    return [(experiment.relative_to(root).as_posix() + (f"/version_{v}" if versions[experiment] > 1 else ""), res)
-            for experiment, v, res in runs]
+    versions: dict[Path, set] = {}
+    for experiment, v, _ in runs:
+        versions.setdefault(experiment, set()).add(v)
+    rows = []
+    for experiment, v, res in runs:
+        name = experiment.relative_to(root).as_posix() + (f"/version_{v}" if len(versions[experiment]) > 1 else "")
+        if res.get("checkpoint"):
+            name += f" [{Path(res['checkpoint']).stem}]"
+        rows.append((name, res))
+    return rows
 
 
 class Size(float):
@@ -199,7 +212,8 @@ def main(argv=None) -> None:
     try:
         rows = collect(args.paths, split=args.split, latest=args.latest)
     except ReportError as e:
-        sys.exit(f"advtrain report: error: {e}")
+        sys.stderr.write(f"advtrain report: error: {e}\n")
+        sys.exit(2)
     header, body = table(rows, eps_average=args.eps_average)
     text = markdown(header, body)
     print(text)

@@ -131,9 +131,12 @@ def main(argv=None):
     cli = AdvtrainCLI(args=cli_args, run=False)
     datamodule = cli.datamodule
     datamodule.setup("test")
-    result = transfer_matrix(cli.model.network, datamodule, args.checkpoints, setting[0],
-                             Path(args.examples) if args.examples else None, args.limit, args.batch_size,
-                             torch.device(args.device), args.seed)
+    try:
+        result = transfer_matrix(cli.model.network, datamodule, args.checkpoints, setting[0],
+                                 Path(args.examples) if args.examples else None, args.limit, args.batch_size,
+                                 torch.device(args.device), args.seed)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as error:  # a checkpoint that is not this one's
+        parser.error(f"{type(error).__name__}: {error}".replace("\n", " "))
     print(markdown(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))

@@ -13,7 +13,8 @@ Why ours is faster: torchattacks loops over examples, and per example and iterat
 full backward passes (one per class, weight gradients included). Ours runs per iteration one batched forward of the
 examples still active and 9 input-only backward passes (one per candidate but k^). Batch-1 convolutions use a CPU
 poorly (1 thread: 14 ms for a batch-1 ResNet-18 forward, 6 ms per example at batch 64), and weight gradients add
-to every backward pass. Measured (2 cores, quiet machine): ours 9.3 s, torchattacks 65 s, 7.0x; with --threads 1, 6.1x.
+to every backward pass. ``make bench`` writes the measured times to bench/results/deepfool_cost.json, which the
+README's Performance section quotes (``bench/readme_table.py``).
 
 Run it on an otherwise idle machine: another busy process stalls torch's thread barriers at every operator, and
 torchattacks runs about 20 times more (batch-1) operators, so its time inflates far more (53x was once measured
@@ -25,9 +26,6 @@ re-check counts some of its examples as not flipped.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks.deepfool import deepfool_iterations  # noqa: E402
+from bench.results_file import RESULTS, write_results  # noqa: E402
 from bench.step_cost import timed  # noqa: E402
 from networks import ResNet18  # noqa: E402
 
@@ -49,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--overshoot", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per attack (torchattacks is slow)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deepfool_cost.json"))
+    parser.add_argument("--out", default=str(RESULTS / "deepfool_cost.json"))
     args = parser.parse_args(argv)
 
     import torchattacks
@@ -81,10 +80,7 @@ def main(argv=None):
                    for name, x_adv in (("ours", x_ours), ("torchattacks", results["torchattacks"]))}
     ratios = {"deepfool_vs_torchattacks": seconds["torchattacks"] / seconds["ours"]}
     result = {
-        "machine": platform.platform(), "processor": platform.processor(), "device": str(device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "torchattacks": torchattacks.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch_size": args.batch_size,
-        "image_size": args.image_size,
+        "torchattacks": torchattacks.__version__, "batch_size": args.batch_size, "image_size": args.image_size,
         "steps": args.steps, "overshoot": args.overshoot, "repeats": args.repeats,
         "mean_iterations_ours": float(iterations.double().mean()), "flipped": flipped,
         "seconds": seconds, "ratios": ratios,
@@ -93,9 +89,7 @@ def main(argv=None):
           f"({result['mean_iterations_ours']:.2f} iterations on average), torchattacks "
           f"{seconds['torchattacks']:.2f} s; torchattacks / ours = {ratios['deepfool_vs_torchattacks']:.1f}x; "
           f"flipped: ours {flipped['ours']:.0%}, torchattacks {flipped['torchattacks']:.0%}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return write_results(args.out, result, device)
 
 
 if __name__ == "__main__":

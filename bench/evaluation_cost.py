@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = [{"attack": "pgd", "eps": [0.05, 0.1, 0.2], "steps": 20}]
+BATCH_SIZE = 128
 
 
 def worker(repo: str, threads: int) -> None:
@@ -41,7 +40,7 @@ def worker(repo: str, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Standard(network=DigitsCNN(), eps=0.1)
-    evaluation = RobustnessEvaluation(attacks=SUITE, sanity_checks=False, resume=False, batch_size=128)
+    evaluation = RobustnessEvaluation(attacks=SUITE, sanity_checks=False, resume=False, batch_size=BATCH_SIZE)
     seconds = []
     for _ in range(3):  # the fastest of three in one process: start-up effects (allocator, caches) left out
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -71,6 +70,8 @@ def main(argv=None) -> dict:
         return {}
     if not args.baseline:
         parser.error("--baseline: the checkout to compare with is required")
+    sys.path.insert(0, str(ROOT))  # here, not at the top: a worker imports only its own checkout's code
+    from bench.results_file import write_results
     times: dict[str, list[float]] = {"current": [], "baseline": []}
     correct = {}
     for _ in range(args.repeats):
@@ -85,16 +86,13 @@ def main(argv=None) -> dict:
                                     text=True).stdout.strip() or None
                for name, repo in (("current", str(ROOT)), ("baseline", args.baseline))}
     result = {"what": "PGD-20 evaluation (3 budgets, 360 digits, DigitsCNN), trainer.test seconds",
-              "machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "repeats": args.repeats,
+              "threads": args.threads, "batch_size": BATCH_SIZE, "repeats": args.repeats,
               "baseline": args.baseline, "commits": commits, "seconds": times, "median_seconds": medians,
               "ratios": {"current_vs_baseline": medians["current"] / medians["baseline"]},
               "same_results": True}
     print(f"PGD-20 evaluation: current {medians['current']:.3f} s, baseline {medians['baseline']:.3f} s "
           f"(median of {args.repeats}, {args.threads} thread(s)): ratio {result['ratios']['current_vs_baseline']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return write_results(args.out, result)  # the workers' thread count, not this process's
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ them as JSON (``--out``).
     python bench/step_cost.py                       # CPU, batch 32
     python bench/step_cost.py --device cuda --batch-size 128 --bf16 --channels-last
 
+NuAT and NuAT2 run with the settings of their configs (``NUAT_CONFIGS``: eps, start_scale, lambda_max as the
+final lambda, attack_steps, nuclear_every; NuAT's defaults for what a config leaves out), recorded in the JSON
+under ``settings``. With ``nuclear_every = n`` one timing covers n consecutive minibatches (the nuclear term in
+the attack on the last of them, as in training) and counts as n steps. The network is ResNet-18 for all.
+
 Theory for PGD-10 with input-only gradients: a clean step is about 3 forward-equivalents (forward +
 backward with weight gradients), an attack iteration about 2 (forward + input-only backward), so
-(10 * 2 + 3) / 3 ~ 7.7x; with loss.backward() in the attack it is (10 * 3 + 3) / 3 = 11x. NuAT: a clean
-forward+backward (3), one attack iteration (2) and the adversarial forward+backward (3): 8 / 3 ~ 2.7x, plus
-two small SVDs (B x 10); NuAT2 one more attack iteration: ~3.3x.
+(10 * 2 + 3) / 3 ~ 7.7 clean steps; with loss.backward() in the attack it is (10 * 3 + 3) / 3 = 11. NuAT: a
+clean forward+backward (3), one attack iteration (2) and the adversarial forward+backward (3): 8 / 3 ~ 2.7,
+plus two small SVDs (B x 10) on the minibatches whose attack uses the nuclear term; NuAT2 one more attack
+iteration: ~3.3.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import statistics
 import sys
 import time
@@ -25,12 +31,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from attacks import attack_mode, pgd
-from defenses import PGDAT, TRADES, NuAT, Standard
-from networks import ResNet18
+from attacks import attack_mode, pgd  # noqa: E402
+from bench.results_file import RESULTS, write_results  # noqa: E402
+from defenses import PGDAT, TRADES, NuAT, Standard  # noqa: E402
+from networks import ResNet18  # noqa: E402
+
+NUAT_CONFIGS = {"nuat": "configs/cifar10/nuat.yaml", "nuat2": "configs/cifar10/nuat2_wrn.yaml"}
+NUAT_KEYS = ("eps", "start_scale", "lambda_max", "attack_steps", "nuclear_every")
 
 
 def sync(device):
@@ -51,6 +63,15 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(times)
 
 
+def nuat_settings(config: str) -> dict:
+    """The cost-relevant NuAT arguments of ``config`` (relative to the repository), NuAT's defaults for the rest."""
+    init_args = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
+    defaults = {name: parameter.default for name, parameter in inspect.signature(NuAT.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    return {"config": config, **{key: init_args[key] if key in init_args else defaults[key]
+                                 for key in NUAT_KEYS if key in init_args or key in defaults}}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--out", default="bench/results/step_cost.json")
+    parser.add_argument("--out", default=str(RESULTS / "step_cost.json"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -71,29 +92,39 @@ def main(argv=None):
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
+    settings = {
+        "clean": {},
+        "pgd10": {"attack": "pgd", "eps": "8/255", "steps": 10, "step": "2/255"},
+        "trades10": {"eps": "8/255", "steps": 10, "step": "2/255"},
+        "fgsm_rs": {"attack": "fgsm_rs", "eps": "8/255"},
+        **{name: nuat_settings(config) for name, config in NUAT_CONFIGS.items()},
+    }
     defenses = {
         "clean": Standard(network=network),
-        "pgd10": PGDAT(network=network, eps="8/255", attack="pgd", steps=10, step="2/255"),
-        "trades10": TRADES(network=network, eps="8/255", steps=10, step="2/255"),
-        "fgsm_rs": PGDAT(network=network, eps="8/255", attack="fgsm_rs"),
-        "nuat": NuAT(network=network, eps="8/255", nuclear_every=1),
-        "nuat2": NuAT(network=network, eps="8/255", attack_steps=2, nuclear_every=1),
+        "pgd10": PGDAT(network=network, **settings["pgd10"]),
+        "trades10": TRADES(network=network, **settings["trades10"]),
+        "fgsm_rs": PGDAT(network=network, **settings["fgsm_rs"]),
+        **{name: NuAT(network=network, **{k: v for k, v in settings[name].items() if k != "config"})
+           for name in NUAT_CONFIGS},
     }
-    for name in ("nuat", "nuat2"):  # outside a Trainer the ramp would say 0: time it at its final value
-        defenses[name].current_lambda = lambda: 4.0
+    for name in NUAT_CONFIGS:  # outside a Trainer the ramp would say 0: time it at its final value
+        defenses[name].current_lambda = lambda lam=settings[name]["lambda_max"]: lam
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
     seconds = {}
     for name, defense in defenses.items():
         defense.train()
+        cycle = getattr(defense, "nuclear_every", 1)  # NuAT: every minibatch of the nuclear term's period
 
-        def step(defense=defense):
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = defense.defense_loss(x, y).loss
-            loss.backward()
-            optimizer.step()
+        def step(defense=defense, cycle=cycle):
+            for batch_idx in range(cycle):
+                defense.batch_idx = batch_idx
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = defense.defense_loss(x, y).loss
+                loss.backward()
+                optimizer.step()
 
-        seconds[name] = timed(step, device, args.repeats)
+        seconds[name] = timed(step, device, args.repeats) / cycle
         print(f"{name:>9}: {seconds[name] * 1000:8.1f} ms/step  ({seconds[name] / seconds['clean']:.2f}x clean)")
 
     import torchattacks
@@ -122,12 +153,10 @@ def main(argv=None):
     print(f"PGD-10 attack: ours {seconds['pgd10_attack_ours'] * 1000:.1f} ms, torchattacks "
           f"{seconds['pgd10_attack_torchattacks'] * 1000:.1f} ms")
     print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    result = {"device": str(device), "batch_size": args.batch_size, "bf16": args.bf16,
-              "channels_last": args.channels_last, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "seconds": seconds, "ratios": ratios}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    result = {"batch_size": args.batch_size, "bf16": args.bf16, "channels_last": args.channels_last,
+              "repeats": args.repeats, "network": "ResNet18", "settings": settings, "seconds": seconds,
+              "ratios": ratios}
+    return write_results(args.out, result, device)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ over the engine in ``evaluation/``."""
 
 from __future__ import annotations
 
+import functools
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,9 +74,13 @@ class RobustnessEvaluation(pl.Callback):
     Sanity checks (``sanity_checks``): PGD at eps 0 and at eps 0.5 are run too, and the verdicts of
     :func:`evaluation.sanity_verdicts` go into the results and, when one fails, the log.
 
-    Writes ``robustness.json`` (every setting with its accuracy, counts, seed, model hash, per-example
-    outcomes, sanity verdicts) and ``robustness.md`` into the run directory, and ``robustness/<setting>``
-    TensorBoard scalars.
+    Writes ``robustness-<checkpoint>.json`` (``robustness.json`` for a network evaluated without a checkpoint:
+    every setting with its accuracy, counts, seed, model hash, the checkpoint with its epoch and step,
+    per-example outcomes, sanity verdicts) and the matching ``.md`` into the run directory, and
+    ``robustness/<setting>`` TensorBoard scalars. Results are never replaced by another evaluation's: a file of
+    that name holding another evaluation (other weights or another suite) keeps its name and the new results go
+    to ``robustness-<checkpoint>-2.json`` (``-3``, ...); only a rerun of the very same evaluation replaces its
+    own file, and says so. ``results_path`` is the file written.
 
     Args:
         attacks: the suite, e.g. ``[{attack: fgsm, eps: [2/255, 8/255]}, {attack: pgd, eps: 8/255,
@@ -92,7 +98,7 @@ class RobustnessEvaluation(pl.Callback):
             the suite, evaluated on this model); the sanity checks then verify that no transfer attack is
             stronger than the white-box one.
         resume: reuse the saved batches of an interrupted evaluation.
-        filename: stem of the JSON and markdown files.
+        filename: stem of the JSON and markdown files (the checkpoint's name is appended).
     """
 
     def __init__(self, attacks: list[dict] | None = None, split: str = "test", after_fit: bool = False,
@@ -115,6 +121,7 @@ class RobustnessEvaluation(pl.Callback):
         self.bounds = (0.0, 1.0)  # the datamodule's input range, read when the evaluation runs
         self.sanity_settings = self._sanity_settings()
         self.results: dict | None = None
+        self.results_path: Path | None = None
         self.computed_batches: list[int] = []
 
     def _sanity_settings(self) -> list[AttackSetting]:
@@ -200,34 +207,70 @@ class RobustnessEvaluation(pl.Callback):
             tally = Tally(n, len(runs), draws, metric_keys(runs))
             own = own_batches(len(batches), trainer.global_rank, trainer.world_size)
             todo = [b for b in own if not (self.resume and cache.has(b))]
+            if len(todo) < len(own):
+                rank_zero_info(f"robustness: reusing {len(own) - len(todo)} of {len(own)} batches saved by an "
+                               "interrupted evaluation")
             loader = self._loader(trainer, dataset, [batches[b] for b in todo])
-            for batch_idx, batch in zip(todo, tqdm(loader, desc="robustness", leave=False,
-                                                   disable=not trainer.is_global_zero)):
+            # one step per (batch, setting), named by the setting that runs: AutoAttack on a batch takes minutes
+            bar = tqdm(total=len(todo) * len(runs), desc="robustness", leave=False, unit="setting",
+                       disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
+
+            def on_run(where: str, i: int) -> None:
+                bar.update(i > 0)
+                bar.set_postfix_str(f"{where}: {runs[i].setting.name}")
+
+            for done, (batch_idx, batch) in enumerate(zip(todo, loader)):
                 x, y = self._inputs(trainer, pl_module, batch)
-                cache.save(batch_idx, evaluate_batch(network, runs, x, y, batch_idx, draws, self.seed, self.bounds))
+                result = evaluate_batch(network, runs, x, y, batch_idx, draws, self.seed, self.bounds,
+                                        functools.partial(on_run, f"batch {done + 1}/{len(todo)}"))
+                bar.update(1)
+                cache.save(batch_idx, result)
                 self.computed_batches.append(batch_idx)
                 self.on_batch_done(batch_idx)
+            bar.close()
             for batch_idx in own:
                 tally.add(batches[batch_idx], cache.load(batch_idx))
 
         device = pl_module.device
         tally.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
         part = summarize(runs, transfer, len(self.settings), tally, randomized, self.sanity_checks)
-        ckpt = getattr(trainer, "ckpt_path", None)
+        # after fit the weights are the final ones (a resumed fit's ckpt_path is where it started, not them)
+        ckpt = getattr(trainer, "ckpt_path", None) if trainer.state.fn != "fit" else None
+        # a test run starts at step 0: the checkpoint's own epoch and step say which weights these are
+        loaded = (getattr(pl_module, "loaded_checkpoint", None) or {}) if ckpt else {}
         self.results = {
             "split": self.split, "n": part.pop("n"), "seed": self.seed, **part,
             "model": type(pl_module).__name__, "network": type(network).__name__,
             "model_hash": digest, "checkpoint": str(ckpt) if ckpt else None,
-            "world_size": trainer.world_size, "global_step": trainer.global_step,
+            "epoch": loaded.get("epoch", trainer.current_epoch),
+            "world_size": trainer.world_size, "global_step": loaded.get("global_step", trainer.global_step),
+            "fingerprint": cache.folder.name,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        self._report(trainer, out_dir)
+        self._report(trainer, out_dir, Path(ckpt).stem if ckpt else None)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             cache.remove()
         return self.results
 
-    def _report(self, trainer, out_dir: Path) -> None:
+    def _target(self, out_dir: Path, checkpoint: str | None) -> Path:
+        """``<filename>[-<checkpoint>][-k].json``: the first name that is free or holds this very evaluation."""
+        stem = self.filename + (f"-{checkpoint}" if checkpoint else "")
+        path, k = out_dir / f"{stem}.json", 1
+        while path.exists():
+            try:
+                earlier = json.loads(path.read_text())
+            except (OSError, ValueError):
+                earlier = {}
+            if earlier.get("fingerprint") == self.results["fingerprint"]:
+                rank_zero_info(f"Robustness: replacing {path}, the results of this same evaluation (same weights, "
+                               "suite, seed and data)")
+                break
+            k += 1
+            path = out_dir / f"{stem}-{k}.json"
+        return path
+
+    def _report(self, trainer, out_dir: Path, checkpoint: str | None = None) -> None:
         results = self.results
         table = markdown_table(results)
         rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}"
@@ -237,8 +280,10 @@ class RobustnessEvaluation(pl.Callback):
             if not v["passed"]:
                 rank_zero_warn(f"sanity check {v['check']} failed: {v['detail']}. Likely cause: {v['likely_cause']}")
         if trainer.is_global_zero:
-            path = write_results(results, out_dir, self.filename)
-            rank_zero_info(f"Robustness results written to {path}")
+            target = self._target(out_dir, checkpoint)
+            self.results_path = write_results(results, out_dir, target.stem)
+            rank_zero_info(f"Robustness results written to {self.results_path}")
+        self.results_path = Path(trainer.strategy.broadcast(str(self.results_path)))
         if trainer.logger is not None:
             trainer.logger.log_metrics(scalars(results), step=trainer.global_step)
 

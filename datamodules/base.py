@@ -15,12 +15,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ArrayDataModule", "DatasetNotFoundError", "SplitDataModule", "TensorPairDataset", "collate_batch",
-           "to_unit_float"]
+from .augment import random_crop_flip, to_unit_float
+from .errors import DatasetError, DatasetNotFoundError, DatasetValueError, guarded_download
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files are not where ``root`` says and ``download`` is off."""
+__all__ = ["ArrayDataModule", "DatasetError", "DatasetNotFoundError", "DatasetValueError", "SplitDataModule",
+           "TensorPairDataset", "collate_batch", "guarded_download", "to_unit_float"]
 
 
 class TensorPairDataset(Dataset):
@@ -109,11 +108,6 @@ class SplitDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
 
-def to_unit_float(x: Tensor) -> Tensor:
-    """uint8 images -> float32 in [0, 1]; floating inputs keep their values."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
-
 class ArrayDataModule(SplitDataModule):
     """Base for image datasets kept in memory as uint8 tensors (N, C, H, W) with int64 labels.
 
@@ -130,6 +124,12 @@ class ArrayDataModule(SplitDataModule):
       (the same on every rank); loads the test split for ``test``/``predict``; ``None`` loads both.
     * ``on_after_batch_transfer`` (on the device): :meth:`preprocess` scales to [0, 1] and, while the
       trainer is training, applies random crop and flip as batched tensor ops.
+
+    Every problem with the files raises a :class:`DatasetError` whose message is one line naming the path,
+    what is wrong and what to do: :class:`DatasetNotFoundError` for missing files (or files failing their
+    checksum), :class:`DatasetValueError` for files that are there but do not read (empty, truncated,
+    another format), a plain :class:`DatasetError` for a failed download, which first removes every file
+    and folder it created (never one that was there before).
 
     ``val_size=0`` means no validation: ``val_dataloader`` returns an empty list, which Lightning 2.6
     treats as zero validation batches and skips the validation loop (and the sanity check); its warning
@@ -216,7 +216,7 @@ class ArrayDataModule(SplitDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             x, y = self._load_checked(train=True)
             if self.val_size >= len(y):
-                raise ValueError(
+                raise DatasetValueError(
                     f"data.val_size={self.val_size} must be smaller than the {len(y)} training examples of "
                     f"{self.name}; lower data.val_size (--data.val_size)."
                 )
@@ -272,29 +272,14 @@ class ArrayDataModule(SplitDataModule):
 
     def _load_checked(self, train: bool) -> tuple[Tensor, Tensor]:
         x, y = self.load_split(train)
+        split = "training" if train else "test"
+        where = os.path.join(self.root, self.data_folder or "")
+        fix = "point data.root at the real dataset, or delete the files and set data.download: true."
         if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
-            raise ValueError(f"{self.name}: expected uint8 images of shape (N, {self.input_shape}), got "
-                             f"{x.dtype} {tuple(x.shape)}")
+            expected = ", ".join(map(str, self.input_shape))
+            raise DatasetValueError(f"{self.name} {split} files in '{where}' hold {x.dtype} images of shape "
+                                    f"{tuple(x.shape)}, expected uint8 (N, {expected}): {fix}")
+        if self.num_classes > 0 and len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise DatasetValueError(f"{self.name} {split} labels in '{where}' run from {int(y.min())} to "
+                                    f"{int(y.max())}, expected 0..{self.num_classes - 1}: {fix}")
         return x, y.long()
-
-
-
-def random_crop_flip(x: Tensor, padding: int, flip: bool) -> Tensor:
-    """Random crop after zero padding by ``padding`` pixels and random horizontal flip, per example.
-
-    ``x`` is (N, C, H, W) of any dtype; offsets and flips come from the global RNG of ``x``'s device.
-    Two gathers (rows, then columns) index the padded batch, so the cost is one pass over the batch.
-    """
-    n, c, h, w = x.shape
-    device = x.device
-    rows = torch.arange(h, device=device).expand(n, h)
-    cols = torch.arange(w, device=device).expand(n, w)
-    if padding > 0:
-        x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        rows = rows + torch.randint(0, 2 * padding + 1, (n, 1), device=device)
-        cols = cols + torch.randint(0, 2 * padding + 1, (n, 1), device=device)
-        x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    if flip:
-        flipped = torch.rand(n, 1, device=device) < 0.5
-        cols = torch.where(flipped, cols.flip(1), cols)
-    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))

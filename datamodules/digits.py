@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import ArrayDataModule, _check_int
+from .errors import DatasetValueError
 
 __all__ = ["Digits"]
 
@@ -59,8 +60,8 @@ class Digits(ArrayDataModule):
             x = x.unsqueeze(1)
             y = torch.as_tensor(data.target, dtype=torch.int64)
             if self.test_size >= len(y):
-                raise ValueError(f"data.test_size={self.test_size} must be smaller than the {len(y)} "
-                                 "digits; lower data.test_size.")
+                raise DatasetValueError(f"data.test_size={self.test_size} must be smaller than the {len(y)} "
+                                        "digits; lower data.test_size.")
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))
             test_idx = perm[: self.test_size].sort().values
             train_idx = perm[self.test_size:].sort().values

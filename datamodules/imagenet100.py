@@ -20,7 +20,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
-from .base import DatasetNotFoundError, SplitDataModule, _check_int, check_loader_args, to_unit_float
+from .augment import to_unit_float
+from .base import SplitDataModule, _check_int, check_loader_args
+from .errors import DatasetNotFoundError, DatasetValueError
 
 __all__ = ["CLASS_LIST_FILE", "ClassListImageFolder", "ImageNet100", "read_class_list"]
 
@@ -224,7 +226,7 @@ class ImageNet100(SplitDataModule):
             elif self.train_set is None or self.val_set is None:
                 full = self._folder("train", self.train_transform)
                 if self.val_size >= len(full):
-                    raise ValueError(
+                    raise DatasetValueError(
                         f"data.val_size={self.val_size} must be smaller than the {len(full)} training images "
                         f"of {self.name} in '{full.root}'; lower data.val_size (--data.val_size)."
                     )

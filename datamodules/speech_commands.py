@@ -2,49 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import posixpath
-import warnings
 
-import numpy as np
-import soundfile
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import DatasetNotFoundError, SplitDataModule, TensorPairDataset, _check_int, check_loader_args, collate_batch
+from .base import SplitDataModule, TensorPairDataset, _check_int, check_loader_args, collate_batch
+from .errors import DatasetNotFoundError, download_failed_message, guarded_download, short_reason
+from .speech_files import (
+    _ARCHIVE,
+    _DATA_FOLDER,
+    _FOLDER_IN_ROOT,
+    _LIST_FILES,
+    _NOISE_FOLDER,
+    _VERSION_FOLDER,
+    CLIP_SAMPLES,
+    LABELS,
+    SAMPLE_RATE,
+    SILENCE,
+    UNKNOWN,
+    WORDS,
+    SpeechFiles,
+)
 
-__all__ = ["LABELS", "SAMPLE_RATE", "WORDS", "SpeechCommands"]
+__all__ = ["CLIP_SAMPLES", "LABELS", "SAMPLE_RATE", "SILENCE", "UNKNOWN", "WORDS", "SpeechCommands"]
 
-#: The ten command words, labels 0..9 in this order.
-WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-#: All twelve labels: the ten words, then ``unknown`` (10) and ``silence`` (11).
-LABELS = (*WORDS, "unknown", "silence")
-UNKNOWN = LABELS.index("unknown")
-SILENCE = LABELS.index("silence")
-SAMPLE_RATE = 16000
-#: Every clip is padded with zeros or cut to this many samples (1 s).
-CLIP_SAMPLES = 16000
-
-_FOLDER_IN_ROOT = "SpeechCommands"
-_VERSION_FOLDER = "speech_commands_v0.02"
-_NOISE_FOLDER = "_background_noise_"
-_HASH_DIVIDER = "_nohash_"  # torchaudio keeps only word files whose name contains it
-_LIST_FILES = {"val": "validation_list.txt", "test": "testing_list.txt"}
 _SPLITS = ("train", "val", "test")
-_CACHE_FORMAT = 1  # bump when the cached tensors would come out differently for the same settings
-
-
-def _seed(split_seed: int, split: str, purpose: str) -> int:
-    """An independent seed for each (split_seed, split, purpose): a different stream per split."""
-    digest = hashlib.sha256(f"speech_commands:{split_seed}:{split}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _generator(split_seed: int, split: str, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(split_seed, split, purpose))
+_URL = f"http://download.tensorflow.org/data/{_VERSION_FOLDER}.tar.gz"  # what torchaudio downloads
 
 
 class SpeechCommands(SplitDataModule):
@@ -59,7 +44,9 @@ class SpeechCommands(SplitDataModule):
             _background_noise_/*.wav            six long noise recordings (16 kHz)
 
     torchaudio is used only to download and extract (``download=True``, in ``prepare_data``); every WAV
-    is read with ``soundfile``. A file whose sample rate is not 16000 Hz raises ``ValueError`` naming it.
+    is read with ``soundfile``. A file that does not read or whose sample rate is not 16000 Hz raises
+    :class:`DatasetValueError` (a ``ValueError``) naming it. A failed download or extraction raises
+    :class:`DatasetError` after removing what it created (the archive, the half-extracted folder).
 
     **Splits** are the official ones: ``val`` is every file in ``validation_list.txt``, ``test`` every
     file in ``testing_list.txt``, ``train`` every other word file (torchaudio's ``subset`` rule).
@@ -121,7 +108,7 @@ class SpeechCommands(SplitDataModule):
     input_shape = (1, CLIP_SAMPLES)
     labels = LABELS
     #: Where the files must be inside ``root`` (named in error messages).
-    data_folder = f"{_FOLDER_IN_ROOT}/{_VERSION_FOLDER}"
+    data_folder = _DATA_FOLDER
 
     collate_fn = staticmethod(collate_batch)  # the dataset's __getitems__ already returns whole batches
     input_bounds = (-1.0, 1.0)  # waveforms: every attack clamps to [-1, 1], and eps is in these units
@@ -159,22 +146,47 @@ class SpeechCommands(SplitDataModule):
         self.silence_per_split = silence_per_split
         self.split_seed = split_seed
         self.cache = bool(cache)
-        self.data_path = os.path.join(self.root, _FOLDER_IN_ROOT, _VERSION_FOLDER)
+        self._files = SpeechFiles(self.root, self.name, self._not_found_message, self.unknown_fraction,
+                                  self.silence_per_split, self.split_seed)
+        self.data_path = self._files.data_path
         self.train_set: TensorPairDataset | None = None
         self.val_set: TensorPairDataset | None = None
         self.test_set: TensorPairDataset | None = None
-        self._index: dict[str, list[tuple[str, int]]] | None = None
         if not self.download and not os.path.isdir(self.data_path):
             raise DatasetNotFoundError(self._not_found_message(f"folder '{self.data_path}' does not exist"))
 
     # ------------------------------------------------------------------------------------- lightning
 
     def prepare_data(self) -> None:
-        """Download and extract when ``download`` is true (Lightning calls this on one process per node)."""
-        if self.download:
-            import torchaudio.datasets
+        """Download and extract when ``download`` is true (Lightning calls this on one process per node).
 
+        A failed download or extraction raises :class:`DatasetError` and leaves nothing behind (no partial
+        archive, no half-extracted folder); files and folders that were there before are kept."""
+        if not self.download:
+            return
+        import torchaudio.datasets
+
+        archive = os.path.join(self.root, _ARCHIVE)
+        # torchaudio extracts an archive that is already there instead of downloading it
+        had_archive = os.path.isfile(archive) and not os.path.isdir(self.data_path)
+
+        def fetch() -> None:
+            os.makedirs(self.root, exist_ok=True)  # torch.hub writes the archive into root without creating it
             torchaudio.datasets.SPEECHCOMMANDS(self.root, download=True)
+
+        def failure(err: Exception) -> str:
+            if had_archive:
+                return (f"extracting {self.name} from '{archive}' into '{self.data_path}' failed "
+                        f"({short_reason(err)}); if the archive is truncated or corrupted, delete it and keep "
+                        "data.download: true to download it again, or extract it by hand.")
+            files = (f"the contents of {_ARCHIVE}: the word folders, {_NOISE_FOLDER}, {_LIST_FILES['val']} and "
+                     f"{_LIST_FILES['test']}; or put {_ARCHIVE} itself in '{self.root}'")
+            return download_failed_message(self.name, _URL, short_reason(err), self.data_path, files)
+
+        owned = [_ARCHIVE, f"{_ARCHIVE}.*.partial"]
+        if not os.path.isdir(self.data_path):  # else torchaudio writes nothing (and the walk could be long)
+            owned.append(_FOLDER_IN_ROOT)
+        guarded_download(fetch, self.root, owned, failure)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits that ``stage`` needs; splits already loaded are kept."""
@@ -214,155 +226,17 @@ class SpeechCommands(SplitDataModule):
 
     # --------------------------------------------------------------------------------------- helpers
 
-    def _split_files(self) -> dict[str, list[tuple[str, int]]]:
-        """``{split: [(relative path, size in bytes), ...]}`` of the word clips, sorted by path."""
-        if self._index is not None:
-            return self._index
-        if not os.path.isdir(self.data_path):
-            raise DatasetNotFoundError(self._not_found_message(f"folder '{self.data_path}' does not exist"))
-        listed: dict[str, set[str]] = {}
-        for split, list_name in _LIST_FILES.items():
-            list_path = os.path.join(self.data_path, list_name)
-            if not os.path.isfile(list_path):
-                raise DatasetNotFoundError(self._not_found_message(f"split list '{list_path}' does not exist"))
-            with open(list_path, encoding="utf-8") as f:
-                listed[split] = {posixpath.normpath(line.strip()) for line in f if line.strip()}
-        files: list[tuple[str, int]] = []
-        with os.scandir(self.data_path) as folders:
-            for folder in folders:
-                if not folder.is_dir() or folder.name == _NOISE_FOLDER:
-                    continue
-                with os.scandir(folder.path) as entries:
-                    files.extend((f"{folder.name}/{e.name}", e.stat().st_size) for e in entries
-                                 if e.name.endswith(".wav") and _HASH_DIVIDER in e.name and e.is_file())
-        files.sort()
-        present = {path for path, _ in files}
-        for split, paths in listed.items():
-            missing = sorted(paths - present)
-            if missing:
-                raise DatasetNotFoundError(
-                    f"{self.name} is incomplete: {len(missing)} files listed in "
-                    f"'{os.path.join(self.data_path, _LIST_FILES[split])}' are missing, e.g. "
-                    f"'{os.path.join(self.data_path, missing[0])}'. Download the dataset again "
-                    "(data.download: true into an empty data.root).")
-        self._index = {
-            "train": [f for f in files if f[0] not in listed["val"] and f[0] not in listed["test"]],
-            "val": [f for f in files if f[0] in listed["val"]],
-            "test": [f for f in files if f[0] in listed["test"]],
-        }
-        return self._index
-
-    def _noise_files(self) -> list[tuple[str, int]]:
-        folder = os.path.join(self.data_path, _NOISE_FOLDER)
-        if not os.path.isdir(folder):
-            return []
-        with os.scandir(folder) as entries:
-            return sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".wav") and e.is_file())
-
-    def _cache_key(self, split: str, files: list[tuple[str, int]], noise: list[tuple[str, int]]) -> str:
-        settings = {
-            "format": _CACHE_FORMAT, "split": split, "unknown_fraction": self.unknown_fraction,
-            "silence_per_split": self.silence_per_split, "split_seed": self.split_seed,
-            "clip_samples": CLIP_SAMPLES, "files": files, "noise": noise,
-        }
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-    def _cache_path(self, split: str, key: str) -> str:
-        return os.path.join(self.root, _FOLDER_IN_ROOT, f"advtrain_cache_{split}_{key[:16]}.pt")
-
     def _load(self, split: str) -> TensorPairDataset:
-        files = self._split_files()[split]
-        noise = self._noise_files()
-        key = self._cache_key(split, files, noise)
-        path = self._cache_path(split, key)
+        """The split from its cache when that matches the settings and files, else built from the WAV files."""
+        files = self._files.split_files()[split]
+        noise = self._files.noise_files()
+        key = self._files.cache_key(split, files, noise)
+        path = self._files.cache_path(split, key)
         if self.cache and os.path.isfile(path):
-            loaded = self._read_cache(path, key)
+            loaded = self._files.read_cache(path, key)
             if loaded is not None:
                 return TensorPairDataset(*loaded)
-        x, y = self._build(split, files, noise)
+        x, y = self._files.build(split, files, noise)
         if self.cache:
-            self._write_cache(path, key, x, y)
+            self._files.write_cache(path, key, x, y)
         return TensorPairDataset(x, y)
-
-    def _read_cache(self, path: str, key: str) -> tuple[Tensor, Tensor] | None:
-        try:
-            data = torch.load(path, weights_only=True, mmap=True)
-            x, y = data["x"], data["y"]
-            ok = (data["key"] == key and x.dtype == torch.int16 and x.ndim == 3
-                  and tuple(x.shape[1:]) == self.input_shape and y.dtype == torch.int64 and y.shape == x.shape[:1])
-        except Exception as err:  # a truncated or foreign file: rebuild it
-            warnings.warn(f"{self.name}: ignoring unreadable cache '{path}' ({err}); reading the WAV files again",
-                          stacklevel=3)
-            return None
-        if not ok:
-            warnings.warn(f"{self.name}: cache '{path}' does not match the settings; reading the WAV files again",
-                          stacklevel=3)
-            return None
-        return x, y
-
-    def _write_cache(self, path: str, key: str, x: Tensor, y: Tensor) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"  # atomic replace: concurrent ranks never see half a file
-        try:
-            torch.save({"key": key, "x": x, "y": y}, tmp)
-            os.replace(tmp, path)
-        except OSError as err:
-            warnings.warn(f"{self.name}: could not write the cache '{path}' ({err}); the WAV files will be read "
-                          "again next time", stacklevel=3)
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def _read_wav(self, path: str) -> np.ndarray:
-        """The int16 samples of a mono 16 kHz WAV file; ValueError for another rate or several channels."""
-        data, rate = soundfile.read(path, dtype="int16")
-        if rate != SAMPLE_RATE:
-            raise ValueError(f"{self.name}: '{path}' has a sample rate of {rate} Hz, expected {SAMPLE_RATE} Hz "
-                             "(every clip and background noise recording must be 16 kHz).")
-        if data.ndim == 2:
-            if data.shape[1] != 1:
-                raise ValueError(f"{self.name}: '{path}' has {data.shape[1]} channels, expected mono.")
-            data = data[:, 0]
-        return data
-
-    def _build(self, split: str, files: list[tuple[str, int]],
-               noise: list[tuple[str, int]]) -> tuple[Tensor, Tensor]:
-        paths = [path for path, _ in files]
-        labels = torch.tensor([WORDS.index(p.split("/")[0]) if p.split("/")[0] in WORDS else UNKNOWN
-                               for p in paths], dtype=torch.int64)
-        unknown = (labels == UNKNOWN).nonzero().flatten()
-        n_keep = int(self.unknown_fraction * len(unknown) + 0.5)
-        keep = torch.randperm(len(unknown), generator=_generator(self.split_seed, split, "unknown"))[:n_keep]
-        mask = labels != UNKNOWN
-        mask[unknown[keep]] = True
-        index = mask.nonzero().flatten().tolist()
-        n_words = int((labels < UNKNOWN).sum())
-        n_silence = (n_words + 5) // 10 if self.silence_per_split is None else self.silence_per_split
-
-        y = torch.cat([labels[index], torch.full((n_silence,), SILENCE, dtype=torch.int64)])
-        # Item j (the kept word clips in path order, then the silence clips) goes to row where[j]; writing
-        # each row in place avoids a second full-size copy of the split.
-        order = torch.randperm(len(y), generator=_generator(self.split_seed, split, "order"))
-        where = torch.empty_like(order)
-        where[order] = torch.arange(len(order))
-        rows = where.tolist()
-        x = np.zeros((len(y), CLIP_SAMPLES), dtype=np.int16)
-        for row, i in zip(rows, index):
-            data = self._read_wav(os.path.join(self.data_path, paths[i]))[:CLIP_SAMPLES]
-            x[row, : len(data)] = data
-        if n_silence > 0:
-            x[rows[len(index):]] = self._silence(split, n_silence, noise)
-        return torch.from_numpy(x).unsqueeze(1), y[order]
-
-    def _silence(self, split: str, n: int, noise: list[tuple[str, int]]) -> np.ndarray:
-        """``n`` 1 s windows drawn uniformly from all windows of the background noise recordings."""
-        folder = os.path.join(self.data_path, _NOISE_FOLDER)
-        recordings = [self._read_wav(os.path.join(folder, name)) for name, _ in noise]
-        windows = torch.tensor([max(0, len(r) - CLIP_SAMPLES + 1) for r in recordings], dtype=torch.int64)
-        if int(windows.sum()) == 0:
-            raise DatasetNotFoundError(self._not_found_message(
-                f"no background noise recording of at least 1 s in '{folder}' to cut {n} silence clips from "
-                "(or set data.silence_per_split: 0 for no silence class examples)"))
-        ends = windows.cumsum(0)
-        draws = torch.randint(int(ends[-1]), (n,), generator=_generator(self.split_seed, split, "silence"))
-        which = torch.searchsorted(ends, draws, right=True)
-        offsets = draws - (ends - windows)[which]
-        return np.stack([recordings[k][o: o + CLIP_SAMPLES] for k, o in zip(which.tolist(), offsets.tolist())])

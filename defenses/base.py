@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
 
 from .rng import rng_states, set_rng_states
-from .schedules import PiecewiseLinearLR
+from .schedules import PerBatchLR, PiecewiseLinearLR, batches_per_epoch
 
 
 class DefenseOutput(NamedTuple):
@@ -24,6 +24,13 @@ class DefenseOutput(NamedTuple):
     parts: dict[str, Tensor]  # every named term of the loss, logged as train/<name>
     logits_clean: Tensor | None = None
     logits_adv: Tensor | None = None
+
+
+def describe_network(network: nn.Module) -> str:
+    """``Tensorized(DigitsCNN)``: the network's class with the classes of the networks it wraps."""
+    inner = getattr(network, "network", None)
+    name = type(network).__name__
+    return f"{name}({describe_network(inner)})" if isinstance(inner, nn.Module) else name
 
 
 def num_classes_of(network: nn.Module) -> int:
@@ -46,8 +53,9 @@ class AdversarialDefense(pl.LightningModule):
         network: the classifier; it takes inputs in their natural range and normalizes inside.
         optimizer: a callable ``params -> Optimizer`` (config: ``class_path: torch.optim.SGD``);
             default SGD lr 0.1, momentum 0.9, weight decay 5e-4.
-        lr_scheduler: a callable ``optimizer -> scheduler``; stepped per epoch, except
-            :class:`~defenses.schedules.PiecewiseLinearLR`, which is stepped per batch.
+        lr_scheduler: a callable ``optimizer -> scheduler``; stepped per epoch, except schedules written in epochs
+            but stepped every batch (:class:`~defenses.schedules.PerBatchLR`: ``CyclicLRInEpochs``,
+            ``PiecewiseLinearLR``), which learn the number of batches per epoch when training starts.
         eps: the threat model's Linf budget (training attack and validation), e.g. "8/255".
         val_attack, val_steps, val_step: the validation attack (``val/acc_robust``), e.g. PGD-10, or
             NuAT's 7-step I-FGSM (``bim``, 7).
@@ -95,14 +103,18 @@ class AdversarialDefense(pl.LightningModule):
         self.channels_last = channels_last
         self.compile_network = compile
         classes = num_classes_of(network)
-        self.train_acc_clean = MulticlassAccuracy(classes, average="micro")
-        self.train_acc_adv = MulticlassAccuracy(classes, average="micro")
-        self.val_acc_clean = MulticlassAccuracy(classes, average="micro")
-        self.val_acc_robust = MulticlassAccuracy(classes, average="micro")
-        self.test_acc_clean = MulticlassAccuracy(classes, average="micro")
+        # validate_args=False: the inputs are ours, the network's (B, classes) logits and labels that every datamodule
+        # checks or builds in 0..classes-1 when it loads them. Validation would run torch.unique on every update: a
+        # host-device sync per metric per step (tests/test_host_syncs.py, tests/test_gpu.py).
+        self.train_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.train_acc_adv = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.val_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.val_acc_robust = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.test_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
         # set by callbacks: a weight-averaging callback (EMA) and networks to validate besides self.network
         self.weight_averaging = None
         self.extra_validation_networks: dict[str, nn.Module] = {}
+        self.loaded_checkpoint: dict | None = None  # epoch and step of the checkpoint the weights came from
         self.batch_idx = 0
 
     # ---- the one method a defense implements -------------------------------------------------
@@ -210,22 +222,30 @@ class AdversarialDefense(pl.LightningModule):
             optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        interval = "epoch"
-        if isinstance(scheduler, PiecewiseLinearLR):
+
+        def steps_per_epoch() -> float:
+            # asked only by schedulers written in epochs but stepped every batch (the estimate loads the data)
             max_epochs = self.trainer.max_epochs
             if max_epochs is None or max_epochs < 1:
-                raise ValueError("PiecewiseLinearLR needs trainer.max_epochs to be set")
-            scheduler.set_steps_per_epoch(self.trainer.estimated_stepping_batches / max_epochs)
-            interval = "step"
+                raise ValueError("a learning-rate schedule stepped every batch needs trainer.max_epochs to be set")
+            return self.trainer.estimated_stepping_batches / max_epochs
+
+        with batches_per_epoch(steps_per_epoch):
+            scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, PiecewiseLinearLR):
+            scheduler.set_steps_per_epoch(steps_per_epoch())
+        interval = "step" if isinstance(scheduler, PerBatchLR) else "epoch"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # exact resume: the global RNG states (data order, augmentation, random starts) travel with the
     # checkpoint. Lightning runs its sanity check inside isolate_rng, so restoring here is exact.
     def on_save_checkpoint(self, checkpoint):
         checkpoint["rng_states"] = rng_states()
+        checkpoint["network"] = describe_network(self.network)  # named when a config builds another network
 
     def on_load_checkpoint(self, checkpoint):
+        # which weights these are, for results files (a test run itself starts at step 0)
+        self.loaded_checkpoint = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
         if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             set_rng_states(checkpoint["rng_states"])
 

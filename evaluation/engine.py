@@ -71,17 +71,19 @@ def correct(network: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
 
 
 def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, batch_idx: int, draws: int,
-                   seed: int, bounds: tuple[float, float]) -> dict:
+                   seed: int, bounds: tuple[float, float], on_run: Callable[[int], None] | None = None) -> dict:
     """Attack one batch with every run and score it over ``draws`` forward passes.
 
     Run i's random starts come from a generator seeded by (seed, i, batch_idx), so any process attacking
     this batch gets the same examples. Deterministic network: robust = correct clean and attacked. Randomized:
     the clean and the attacked forward are independent draws, so requiring both would count the randomness
     twice (accuracy at eps 0 would fall below clean accuracy); a draw counts as robust when it classifies the
-    adversarial input correctly."""
+    adversarial input correctly. ``on_run(i)`` is called before run i starts (progress reporting)."""
     clean_ok = correct(network, x, y, draws)
     robust, seconds, metrics = [], [], {}
     for i, (setting, source) in enumerate(runs):
+        if on_run is not None:
+            on_run(i)
         t0 = time.perf_counter()
         generator = torch.Generator(device=x.device).manual_seed((seed * SEED_MIX + i) * SEED_MIX + batch_idx)
         x_adv = craft(setting, source, x, y, generator, bounds)

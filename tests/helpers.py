@@ -30,3 +30,18 @@ class KillAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailAt(pl.Callback):
+    """Raise ``RuntimeError`` when ``hook`` (``train`` or ``test``) starts: a run that fails after its setup."""
+
+    def __init__(self, hook: str = "train"):
+        self.hook = hook
+
+    def on_train_start(self, trainer, pl_module):
+        if self.hook == "train":
+            raise RuntimeError("simulated failure at train start")
+
+    def on_test_start(self, trainer, pl_module):
+        if self.hook == "test":
+            raise RuntimeError("simulated failure at test start")

@@ -29,7 +29,8 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert list((run / "checkpoints").glob("best-epoch*.ckpt"))
     advtrain("test", "-c", cfg, "--ckpt_path", "best", "--evaluation.limit", 120, *FAST, cwd=tmp_path)
-    results = json.loads((run / "robustness.json").read_text())
+    (result_file,) = run.glob("robustness-best-epoch*.json")  # named by the checkpoint evaluated
+    results = json.loads(result_file.read_text())
     assert results["n"] == 120 and results["split"] == "test"
     assert results["checkpoint"].endswith(".ckpt") and "best-epoch" in results["checkpoint"]
     names = [a["name"] for a in results["attacks"]]
@@ -44,7 +45,7 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
     assert pgd_acc == sorted(pgd_acc, reverse=True)
     assert results["attacks"][-1]["accuracy"] <= pgd_acc[-1]  # AutoAttack no weaker than PGD at eps 0.2
     assert all(v["passed"] for v in results["sanity"]["verdicts"]), results["sanity"]["verdicts"]
-    assert (run / "robustness.md").read_text().startswith("| setting |")
+    assert result_file.with_suffix(".md").read_text().startswith("| setting |")
     assert (run / "config_fit.yaml").exists() and (run / "config_test.yaml").exists()
     tags = event_tags(run)
     for tag in ["train/loss", "train/ce_adv", "train/acc_adv_step", "train/acc_clean_epoch", "val/acc_clean",

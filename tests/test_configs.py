@@ -44,7 +44,7 @@ def fit_and_test(cfg, *overrides):
     assert last.endswith("last.ckpt")
     test = AdvtrainCLI(args=["test", "-c", str(ROOT / cfg), "--ckpt_path", last, "--evaluation.attacks", CHEAP_SUITE,
                              *FAST, *overrides])
-    return fit, json.loads((Path(test.trainer.log_dir) / "robustness.json").read_text())
+    return fit, json.loads((Path(test.trainer.log_dir) / "robustness-last.json").read_text())
 
 
 def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
     assert type(fit.model.network).__name__ == "ResNet18"
     assert fit.trainer.global_step == 2  # 32 training images in batches of 16
     assert results["n"] == 10 and [a["name"] for a in results["attacks"]] == ["fgsm eps=8/255", "pgd-3 eps=8/255"]
-    assert (tmp_path / "runs" / "cifar10" / "pgd_at" / "version_0" / "robustness.json").exists()
+    assert (tmp_path / "runs" / "cifar10" / "pgd_at" / "version_0" / "robustness-last.json").exists()
 
 
 def test_cifar10_fgsm_rs_recipe_steps_its_cyclic_lr_every_batch(tmp_path, monkeypatch):

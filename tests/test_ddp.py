@@ -24,8 +24,8 @@ def test_ddp_fit_and_sharded_evaluation_equal_one_process(tmp_path):
 
     advtrain("test", "-c", cfg, *DDP, "--ckpt_path", ckpt, "--evaluation.filename", "ddp", *FAST, cwd=tmp_path)
     advtrain("test", "-c", cfg, "--ckpt_path", ckpt, "--evaluation.filename", "single", *FAST, cwd=tmp_path)
-    ddp = json.loads((run / "ddp.json").read_text())
-    single = json.loads((run / "single.json").read_text())
+    ddp = json.loads((run / "ddp-last.json").read_text())
+    single = json.loads((run / "single-last.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["n"] == single["n"] == 360
     assert ddp["clean"] == single["clean"]
@@ -48,8 +48,8 @@ def test_ddp_evaluation_of_the_table_attacks_equals_one_process(tmp_path):
     advtrain("test", "-c", cfg, *DDP, *common, "--evaluation.filename", "ddp", cwd=tmp_path)
     advtrain("test", "-c", cfg, *common, "--evaluation.filename", "single", cwd=tmp_path)
     run = ckpt.parent.parent
-    ddp = json.loads((run / "ddp.json").read_text())
-    single = json.loads((run / "single.json").read_text())
+    ddp = json.loads((run / "ddp-last.json").read_text())
+    single = json.loads((run / "single-last.json").read_text())
     assert ddp["world_size"] == 2 and ddp["per_example"] == single["per_example"]
     # sizes to float precision: a process of a 2-process run uses other thread counts, so convolutions sum in
     # another order (the counts above are exact)

@@ -232,3 +232,20 @@ def test_autoattack_setting_rejects_what_it_cannot_honour():
         AttackSetting("autoattack", eps=0.1, steps=10)
     with pytest.raises(ValueError, match="only autoattack has versions"):
         AttackSetting("pgd", eps=0.1, version="rand")
+
+
+def test_a_resumed_evaluation_says_how_many_batches_it_reuses(tmp_path, trained_net, caplog):
+    class Crash(RobustnessEvaluation):
+        def on_batch_done(self, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("simulated crash")
+
+    network = Net()
+    network.load_state_dict(trained_net)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                         default_root_dir=tmp_path, callbacks=[Crash(attacks=SUITE[:1], batch_size=50)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.test(Standard(network=network, eps=0.1), datamodule=Digits(), verbose=False)
+    with caplog.at_level("INFO"):
+        evaluate(tmp_path, trained_net, attacks=SUITE[:1], batch_size=50)
+    assert "reusing 2 of 8 batches" in caplog.text

@@ -60,9 +60,28 @@ def test_two_step_takes_its_second_step_on_ce_within_the_ball(batch):
     torch.testing.assert_close(x2, expected, rtol=0, atol=1e-6)
 
 
-def test_lambda_ramp_follows_the_official_schedule():
-    ramp = LinearRamp(4.5, 100)
-    assert [ramp(e) for e in (0, 1, 50, 99, 100, 150)] == pytest.approx([0, 0.045, 2.25, 4.455, 4.5, 4.5])
+def official_lambdas(lambda_max, epochs, ramp_epochs):
+    """lambda of each epoch as the official scripts' loops compute it: from 0, += lambda_max / ramp_epochs at the
+    end of each epoch while epoch < ramp_epochs (NuAT_cifar10.py: ramp_epochs = epochs - 10; the others: epochs)."""
+    lam, out = 0.0, []
+    for epoch in range(epochs):
+        out.append(lam)
+        if epoch < ramp_epochs:
+            lam += lambda_max / ramp_epochs
+    return out
+
+
+@pytest.mark.parametrize("lambda_max,epochs,ramp_epochs", [(4.5, 100, 90), (4.0, 100, 100), (4.0, 55, 55)])
+def test_lambda_ramp_matches_the_official_loops(lambda_max, epochs, ramp_epochs):
+    ramp = LinearRamp(lambda_max, ramp_epochs)
+    assert [ramp(e) for e in range(epochs)] == pytest.approx(official_lambdas(lambda_max, epochs, ramp_epochs),
+                                                            rel=1e-12, abs=1e-12)
+
+
+def test_lambda_ramp_reaches_its_maximum_only_with_the_ramp_shorter_than_the_run():
+    # NuAT_cifar10.py: 4.5 from epoch 90 on; the WA scripts' ramp over the whole run stops one step short
+    assert LinearRamp(4.5, 90)(90) == LinearRamp(4.5, 90)(99) == 4.5
+    assert LinearRamp(4.0, 100)(99) == pytest.approx(3.96)
     with pytest.raises(ValueError):
         LinearRamp(4.0, 0)
 
@@ -76,18 +95,25 @@ def test_nuat_loss_is_clean_ce_plus_lambda_nuclear(batch):
     ce = F.cross_entropy(out.logits_clean, y)
     nuc = torch.linalg.matrix_norm(out.logits_adv - out.logits_clean, ord="nuc") / 32
     torch.testing.assert_close(out.loss, ce + 2.0 * nuc)
-    assert set(out.parts) == {"ce", "nuclear", "lambda"} and float(out.parts["lambda"]) == 2.0
+    assert set(out.parts) == {"ce", "nuclear", "lambda"} and out.parts["lambda"] == 2.0
+    # logged as a CPU tensor: Lightning would turn a float into a tensor on the device (a copy every step)
+    assert out.parts["lambda"].device.type == "cpu"
     assert (out.logits_adv.shape, out.logits_clean.shape) == ((32, 10), (32, 10))
 
 
 def test_hybrid_switches_to_two_steps_at_its_epoch():
-    model = NuAT(network=DigitsMLP(), two_step_from_epoch=3)
-    steps = []
+    model = NuAT(network=DigitsMLP(), two_step_from_epoch=3, nuclear_every=2, two_step_nuclear_every=1)
+    steps, every = [], []
     for epoch in range(5):
         type(model).current_epoch = property(lambda self, e=epoch: e)
         steps.append(model.steps_this_epoch())
+        every.append(model.nuclear_every_this_epoch())
     del type(model).current_epoch
     assert steps == [1, 1, 1, 2, 2]
+    assert every == [2, 2, 2, 1, 1]  # NuAT's alternate batches, then NuAT2's every batch
+    assert NuAT(network=DigitsMLP(), two_step_from_epoch=3).nuclear_every_this_epoch() == 2  # default: unchanged
+    with pytest.raises(ValueError, match="two_step_nuclear_every"):
+        NuAT(network=DigitsMLP(), two_step_nuclear_every=0)
 
 
 class CountingNet(nn.Module):

@@ -27,7 +27,7 @@ def fit(cfg, *overrides):
 def evaluate(cfg, ckpt, suite, *overrides):
     run = AdvtrainCLI(args=["test", "-c", str(ROOT / cfg), "--ckpt_path", ckpt, "--evaluation.attacks",
                             json.dumps(suite), "--evaluation.draws=3", *FAST, *overrides])
-    return json.loads((Path(run.trainer.log_dir) / "robustness.json").read_text())
+    return json.loads((Path(run.trainer.log_dir) / f"robustness-{Path(ckpt).stem}.json").read_text())
 
 
 def cifar(tmp_path, monkeypatch):

@@ -60,14 +60,16 @@ def test_transfer_matrix_diagonal_is_white_box_and_examples_are_reused(checkpoin
     assert transfer.main(args)["accuracy"] == result["accuracy"]  # loaded from disk, not crafted again
 
 
-def test_transfer_rejects_bad_input(checkpoints):
+def test_transfer_rejects_bad_input(checkpoints, capsys):
     root, paths = checkpoints
     base = ["-c", str(ROOT / "configs/demo/standard.yaml"), "--checkpoints", *paths]
     with pytest.raises(SystemExit):
         transfer.main([*base, "--attack", '{"attack": "pgdd", "eps": 0.1}'])
-    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a missing checkpoint: one line and exit code 2
         transfer.main(["-c", str(ROOT / "configs/demo/standard.yaml"), "--checkpoints", str(root / "nowhere.ckpt"),
                        "--attack", ATTACK, "--limit", "10"])
+    assert exit_info.value.code == 2 and "nowhere.ckpt" in capsys.readouterr().err
 
 
 def test_advtrain_transfer_command_prints_the_matrix(checkpoints, tmp_path):

@@ -12,8 +12,9 @@ from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .soundnet import SoundNet5
 from .squeeze import FeatureSqueezing
+from .tensorize import Tensorized, tensorize
 from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
-from .tucker import Tensorized, TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off, tensorize
+from .tucker import TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off
 from .wide_resnet import WideResNet
 
 # Per-channel statistics of the training sets, in [0, 1] units.

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from attacks.surrogates import register_surrogates
 
-from .tucker import load_plain_weights
+from .tensorize import load_plain_weights
 from .wrapper import TransformedNetwork
 
 

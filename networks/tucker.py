@@ -48,7 +48,6 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import tensorly as tl
 import torch
@@ -56,12 +55,10 @@ import torch.nn.functional as F
 from tensorly.decomposition import tucker
 from torch import Tensor, nn
 
-from .wrapper import TransformedNetwork, temporarily_set
+from .tucker_weight import _contract, _onednn, _steps, contraction_order, reconstruction_macs, tucker_to_weight
+from .wrapper import temporarily_set
 
 tl.set_backend("pytorch")  # tensorly-torch does the same on import; our layers only use the torch backend
-
-# CPU products of the reconstruction run as 1x1 convolutions in oneDNN where torch has it (see the module docstring)
-_ONEDNN = torch.backends.mkldnn.is_available()
 
 Rank = float | int | Sequence[int]
 
@@ -96,130 +93,6 @@ def _requested_ranks(shape: Sequence[int], rank: Rank) -> list[int]:
         raise ValueError(f"rank {ranks} does not fit a weight of shape {list(shape)}: one rank per mode, each "
                          "between 1 and the mode's size")
     return ranks
-
-
-def _steps(shape: Sequence[int], skip: Sequence[int] = ()) -> tuple[int, ...]:
-    """The reconstruction's products for a weight of ``shape``, 0 (output channels), 1 (input channels) and
-    2 (spatial), less those in ``skip``."""
-    return tuple(step for step in ((0, 1, 2) if len(shape) > 2 else (0, 1)) if step not in skip)
-
-
-def _order_costs(shape: Sequence[int], ranks: Sequence[int],
-                 steps: Sequence[int] | None = None) -> Iterator[tuple[int, tuple[int, ...]]]:
-    """(multiply-adds, order) of every order of the products in ``steps`` (default: all; see contraction_order)."""
-    sizes = [shape[0], shape[1], math.prod(shape[2:])]
-    inner = [ranks[0], ranks[1], math.prod(ranks[2:])]
-    for order in itertools.permutations(_steps(shape) if steps is None else steps):
-        current, cost = list(inner), 0
-        for step in order:
-            cost += math.prod(current) * sizes[step]  # each entry of the step's output sums inner[step] products
-            current[step] = sizes[step]
-        yield cost, order
-
-
-def contraction_order(shape: Sequence[int], ranks: Sequence[int],
-                      steps: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The order of the reconstruction's products with the fewest multiply-adds.
-
-    Step 0 multiplies the output-channel mode by its factor, step 1 the input-channel mode, step 2 all spatial
-    modes at once (a weight with no spatial mode has steps 0 and 1 only). At full rank every order costs the same
-    (the first, 0-1-2, is taken); below it, the modes whose rank is smallest relative to their size go last.
-    ``steps`` restricts the products to a subset (a factored channel mode is left out).
-    """
-    return min(_order_costs(shape, ranks, steps), key=lambda cost_order: cost_order[0])[1]
-
-
-def reconstruction_macs(shape: Sequence[int], ranks: Sequence[int], steps: Sequence[int] | None = None) -> int:
-    """Multiply-adds of one reconstruction in the best order (its backward costs about twice as many)."""
-    return min(cost for cost, _ in _order_costs(shape, ranks, steps))
-
-
-# Below this many multiply-adds a reconstruction is a few small GEMMs whose per-call overhead dominates, and
-# torch.matmul beats the oneDNN 1x1 convolutions on the CPU as well (measured on ResNet-18's layers).
-_ONEDNN_MIN_MACS = 1 << 23
-
-
-def _onednn(core: Tensor, macs: int) -> bool:
-    return (_ONEDNN and core.device.type == "cpu" and core.dtype in (torch.float32, torch.bfloat16)
-            and macs >= _ONEDNN_MIN_MACS)
-
-
-# The three products. x always has the layout (output-channel axis, input-channel axis, spatial axes flattened),
-# each axis at its rank or at its size depending on which products are done, and every product writes that layout.
-# On the oneDNN path each is a 1x1 convolution whose memory format needs no reorder or copy of x.
-
-def _output_channel_product(x: Tensor, u: Tensor, onednn: bool) -> Tensor:
-    """(r0, a, s) -> (d0, a, s): u @ x over the first axis, one GEMM on x's memory as it is."""
-    r, a, s = x.shape
-    if onednn:  # a 1x1 conv over one image of a * s pixels with r channels
-        return F.conv2d(x.reshape(1, r, 1, a * s), u.reshape(u.shape[0], r, 1, 1)).reshape(u.shape[0], a, s)
-    return (u @ x.reshape(r, a * s)).reshape(u.shape[0], a, s)
-
-
-def _input_channel_product(x: Tensor, u: Tensor, onednn: bool) -> Tensor:
-    """(a, r1, s) -> (a, d1, s): u @ x[i] for every i of the first axis (a batch of GEMMs; one GEMM when s = 1)."""
-    a, r, s = x.shape
-    if s == 1 and not onednn:
-        return (x.reshape(a, r) @ u.T).reshape(a, u.shape[0], 1)
-    if not onednn:
-        return torch.matmul(u, x)
-    w = u.reshape(u.shape[0], r, 1, 1)
-    if s == 1:  # x @ u.T: a channels-last 1x1 conv over a pixels
-        return F.conv2d(x.reshape(1, a, 1, r).permute(0, 3, 1, 2), w).permute(0, 2, 3, 1).reshape(a, u.shape[0], 1)
-    return F.conv2d(x.reshape(a, r, s, 1), w).reshape(a, u.shape[0], s)  # a 1x1 conv over a images of s pixels
-
-
-def _spatial_product(x: Tensor, k: Tensor, onednn: bool) -> Tensor:
-    """(a, b, p) -> (a, b, s): x @ k.T over the last axis, k the (s, p) Kronecker product of the spatial factors."""
-    a, b, p = x.shape
-    if onednn:  # a channels-last 1x1 conv, p channels in and s out, over a * b pixels
-        y = F.conv2d(x.reshape(a, b, 1, p).permute(0, 3, 1, 2), k.reshape(k.shape[0], p, 1, 1))
-        return y.permute(0, 2, 3, 1).reshape(a, b, k.shape[0])
-    return x @ k.T
-
-
-def _contract(core: Tensor, factors: Sequence[Tensor], order: Sequence[int], onednn: bool) -> Tensor:
-    """The products of ``order`` applied to the core, as a (axis 0, axis 1, spatial axes flattened) tensor."""
-    ranks = core.shape
-    if 2 in order and 1 in order and all(f.shape == (1, 1) for f in factors[2:]):
-        # 1 x 1 kernel: the spatial factors are 1 x 1, a scale that folds into the input-channel factor
-        scale = factors[2]
-        for factor in factors[3:]:
-            scale = scale * factor
-        factors = [factors[0], factors[1] * scale]
-        order = [step for step in order if step != 2]
-    x = core.reshape(ranks[0], ranks[1], -1)
-    for step in order:
-        if step == 0:
-            x = _output_channel_product(x, factors[0], onednn)
-        elif step == 1:
-            x = _input_channel_product(x, factors[1], onednn)
-        else:
-            kron = factors[2]
-            for factor in factors[3:]:
-                kron = torch.kron(kron, factor)
-            x = _spatial_product(x, kron, onednn)
-    return x
-
-
-def tucker_to_weight(core: Tensor, factors: Sequence[Tensor], order: Sequence[int] | None = None,
-                     onednn: bool | None = None) -> Tensor:
-    """The dense weight ``core x_0 factors[0] x_1 factors[1] ...``, the tensor ``tensorly.tucker_to_tensor`` gives.
-
-    For a 2-D (linear), 3-D (conv1d) or 4-D (conv2d) core. ``order`` is the order of the products (default: the
-    cheapest, :func:`contraction_order`); ``onednn`` runs them as oneDNN 1x1 convolutions (default: on the CPU, for
-    float32 and bfloat16, when the reconstruction is large enough to gain from it). The forward permutes or copies
-    nothing larger than a factor, and the result is contiguous. See the module docstring.
-    """
-    shape = tuple(f.shape[0] for f in factors)
-    ranks = tuple(core.shape)
-    if order is None:
-        order = contraction_order(shape, ranks)
-    if sorted(order) != list(_steps(shape)):
-        raise ValueError(f"order must be a permutation of {_steps(shape)} for a {len(shape)}-D weight, got {order}")
-    if onednn is None:
-        onednn = _onednn(core, reconstruction_macs(shape, ranks))
-    return _contract(core, factors, order, onednn).reshape(shape)
 
 
 def _check_theta(theta: float) -> float:
@@ -390,42 +263,6 @@ def tucker_layers(module: nn.Module) -> Iterator[TuckerLayer]:
     return (m for m in module.modules() if isinstance(m, TuckerLayer))
 
 
-def tensorize(network: nn.Module, rank: Rank = 1.0, theta: float = 1.0, layers: Sequence[str] = _LAYER_TYPES,
-              exclude: Sequence[str] = (), min_dim: int = 3, decompose: bool = True, n_iter: int = 10) -> nn.Module:
-    """Replace, in place, every layer of the types in ``layers`` by its Tucker-parametrized version.
-
-    ``decompose=True`` initializes each core and factors by a Tucker decomposition (HOSVD then ``n_iter`` HOOI
-    sweeps, tensorly) of the layer's current weight, so a trained network stays what it was (exactly at full
-    rank). ``exclude`` lists qualified module names (as in ``named_modules``) to leave plain. Returns the network.
-    """
-    unknown = set(layers) - set(_LAYER_TYPES)
-    if unknown:
-        raise ValueError(f"layers may contain {list(_LAYER_TYPES)}, got {sorted(unknown)}")
-    _check_theta(theta)
-    names = {name for name, _ in network.named_modules()}
-    missing = [e for e in exclude if e not in names]
-    if missing:
-        raise ValueError(f"exclude names {missing} are not modules of {type(network).__name__}; "
-                         f"choose among {sorted(n for n in names if n)[:20]}...")
-    kinds = tuple(_CONVS[k] for k in layers if k in _CONVS)
-    kwargs = dict(rank=rank, theta=theta, min_dim=min_dim, decompose=decompose, n_iter=n_iter)
-    replaced = 0
-    for parent_name, parent in list(network.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if qualified in exclude:
-                continue
-            if kinds and isinstance(child, kinds):
-                setattr(parent, child_name, TuckerConv(child, **kwargs))
-                replaced += 1
-            elif "Linear" in layers and type(child) is nn.Linear:
-                setattr(parent, child_name, TuckerLinear(child, **kwargs))
-                replaced += 1
-    if replaced == 0:
-        raise ValueError(f"tensorize found no {list(layers)} layer to replace in {type(network).__name__}")
-    return network
-
-
 @contextmanager
 def keep_probability(module: nn.Module, theta: float) -> Iterator[nn.Module]:
     """Temporarily set every Tucker layer's keep probability to ``theta`` (restored on exit)."""
@@ -440,42 +277,3 @@ def randomness_off(module: nn.Module):
 
 def is_tensorized(module: nn.Module) -> bool:
     return next(tucker_layers(module), None) is not None
-
-
-def load_plain_weights(network: nn.Module, checkpoint: str | Path, prefix: str = "network.") -> None:
-    """Load a plain (untensorized) network's weights from a Lightning checkpoint or a state_dict file.
-
-    Lightning checkpoints of our defenses store the network under ``network.``; a bare state_dict is used as is.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: train the plain (theta = 1) model first "
-                                "(configs/cifar10/tensorized_theta1.yaml for tensorized_theta0.9.yaml) or point "
-                                "model.init_args.network.init_args.checkpoint at its .ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match {type(network).__name__}: missing keys "
-                         f"{missing[:5]}, unexpected keys {unexpected[:5]}. It must come from the same "
-                         "architecture before tensorization.")
-
-
-class Tensorized(TransformedNetwork):
-    """Config-friendly wrapper: ``networks.Tensorized(network=..., rank=..., theta=..., checkpoint=...)``.
-
-    Loads ``checkpoint`` (a plain model's) into ``network`` first when given, then tensorizes it by Tucker
-    decomposition of those weights (the paper starts every theta < 1 model from a theta = 1 model). Keeps the
-    wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` interface.
-    """
-
-    def __init__(self, network: nn.Module, rank: float | int | list[int] = 1.0, theta: float = 1.0,
-                 layers: list[str] | None = None, exclude: list[str] | None = None, min_dim: int = 3,
-                 checkpoint: str | None = None, n_iter: int = 10):
-        super().__init__()
-        if checkpoint:
-            load_plain_weights(network, checkpoint)
-        self.network = tensorize(network, rank=rank, theta=theta, layers=layers or _LAYER_TYPES,
-                                 exclude=exclude or (), min_dim=min_dim, n_iter=n_iter)

@@ -16,7 +16,8 @@ from torch import nn
 from callbacks import LossLandscape, landscape_directions, loss_surface
 from datamodules import Digits
 from defenses import Standard
-from networks.tucker import keep_probability, tensorize
+from networks.tensorize import tensorize
+from networks.tucker import keep_probability
 
 W = np.array([[1.0, -2.0, 0.5, 0.3], [-0.7, 0.4, 1.5, -1.0], [0.2, 0.9, -0.6, 1.1]])
 C = np.array([0.1, -0.3, 0.25])

@@ -10,14 +10,8 @@ import torch
 from torch import nn
 
 from networks import DigitsCNN, Tensorized, TuckerConv, TuckerLinear, keep_probability, randomness_off, tensorize
-from networks.tucker import (
-    contraction_order,
-    is_tensorized,
-    load_plain_weights,
-    reconstruction_macs,
-    tucker_ranks,
-    tucker_to_weight,
-)
+from networks.tensorize import load_plain_weights
+from networks.tucker import contraction_order, is_tensorized, reconstruction_macs, tucker_ranks, tucker_to_weight
 
 
 def _layers():

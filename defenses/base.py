@@ -24,6 +24,8 @@ class DefenseOutput(NamedTuple):
     parts: dict[str, Tensor]  # every named term of the loss, logged as train/<name>
     logits_clean: Tensor | None = None
     logits_adv: Tensor | None = None
+    x_adv: Tensor | None = None  # the step's adversarial examples, if any: callbacks get x_adv - x
+    extras: dict[str, Tensor] | None = None  # more for callbacks (e.g. "latent": z), returned detached
 
 
 def describe_network(network: nn.Module) -> str:
@@ -161,7 +163,19 @@ class AdversarialDefense(pl.LightningModule):
         if logits_clean is not None:
             self.train_acc_clean(logits_clean.detach(), y)
             self.log("train/acc_clean", self.train_acc_clean, on_step=True, on_epoch=True, prog_bar=True)
-        return out.loss
+        return self.step_outputs(x, y, out)
+
+    @staticmethod
+    def step_outputs(x: Tensor, y: Tensor, out: DefenseOutput) -> dict[str, Tensor]:
+        """What ``training_step`` returns, and callbacks read as ``outputs`` in ``on_train_batch_end`` without
+        another forward: ``loss``, ``x``, ``y``, ``perturbation`` (x_adv - x, when the defense made adversarial
+        examples) and the defense's ``extras``; everything but the loss is detached."""
+        outputs = {"loss": out.loss, "x": x.detach(), "y": y}
+        if out.x_adv is not None:
+            outputs["perturbation"] = (out.x_adv - x).detach()
+        for name, value in (out.extras or {}).items():
+            outputs[name] = value.detach()
+        return outputs
 
     @property
     def input_bounds(self) -> tuple[float, float]:

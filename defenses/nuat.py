@@ -128,4 +128,4 @@ class NuAT(AdversarialDefense):
         # blocking host-to-device copy every step, while a CPU tensor is logged without touching the GPU
         # (tests/test_host_syncs.py counts it)
         return DefenseOutput(loss, {"ce": ce, "nuclear": nuclear, "lambda": torch.tensor(lam)}, logits_clean,
-                             logits_adv)
+                             logits_adv, x_adv)

@@ -54,4 +54,4 @@ class PGDAT(AdversarialDefense):
         x_adv = self.make_adversarial(x, y)
         logits_adv = self.network(x_adv)
         ce = F.cross_entropy(logits_adv.float(), y)
-        return DefenseOutput(ce, {"ce_adv": ce}, logits_adv=logits_adv)
+        return DefenseOutput(ce, {"ce_adv": ce}, logits_adv=logits_adv, x_adv=x_adv)

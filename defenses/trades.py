@@ -47,4 +47,4 @@ class TRADES(AdversarialDefense):
         ce = F.cross_entropy(logits_clean.float(), y)
         kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
                       reduction="batchmean")
-        return DefenseOutput(ce + self.beta * kl, {"ce": ce, "kl": kl}, logits_clean, logits_adv)
+        return DefenseOutput(ce + self.beta * kl, {"ce": ce, "kl": kl}, logits_clean, logits_adv, x_adv)

@@ -32,6 +32,9 @@ bench: install
 	$(PY) bench/step_cost.py
 	$(PY) bench/tensorized_cost.py
 	$(PY) bench/deepfool_cost.py
+	$(PY) bench/adr_cost.py
+	$(PY) bench/sgr_cost.py
+	$(PY) bench/covariance_cost.py
 	$(PY) bench/readme_table.py
 
 lint: install

@@ -4,6 +4,7 @@ directories, laid out like the papers' tables (rows: defenses; columns: clean, t
     advtrain report runs/cifar10                           # every run under runs/cifar10
     advtrain report runs/cifar10 --latest --csv table.csv  # newest version of each experiment only
     advtrain report runs/mnist --eps-average only          # accuracy averaged over each eps grid (SGR)
+    advtrain report runs/mnist/{gn,sgr} --lrc-plot lrc.png # accuracy against LRC's zeta (evaluation/figures.py)
 
 Rows are named by experiment: the run directory relative to the runs' common root, without
 ``version_N`` unless an experiment has several versions, and by the checkpoint that was evaluated (every
@@ -208,9 +209,22 @@ def main(argv=None) -> None:
     parser.add_argument("--eps-average", choices=["add", "only"], default=None,
                         help="add (or show only) each setting's accuracy averaged over its eps grid: the area under "
                              "the accuracy-vs-eps curve, as the SGR paper reports")
+    parser.add_argument("--lrc-plot", metavar="PNG", help="also draw robust accuracy against the LRC decay length "
+                        "zeta, a line per run and a panel per eps plus the eps average (the SGR paper's figure)")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also write that figure (and its curves as scalars) "
+                        "as TensorBoard events into DIR")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.paths, split=args.split, latest=args.latest)
+        if args.lrc_plot or args.tensorboard:
+            from evaluation.figures import write_lrc_figure
+
+            try:
+                write_lrc_figure(rows, args.lrc_plot, args.tensorboard)
+                print(f"LRC figure written to {' and '.join(filter(None, (args.lrc_plot, args.tensorboard)))}",
+                      file=sys.stderr)
+            except ValueError as error:
+                raise ReportError(str(error)) from error
     except ReportError as e:
         sys.stderr.write(f"advtrain report: error: {e}\n")
         sys.exit(2)

@@ -7,6 +7,7 @@ Every budget, step and clamp is in the input's natural range ([0, 1] images, [-1
 from .autoattack import AUTOATTACK_VERSION, autoattack, autoattack_run
 from .budget import format_budget, parse_budget
 from .core import bernoulli_start, project, projected_gradient, random_start
+from .covariance import Covariance, FullCovariance, IdentityCovariance, StationaryCovariance
 from .deepfool import deepfool
 from .gama import gama_fw, gama_loss, gama_pgd
 from .losses import cross_entropy, kl_from, margin, misclassified
@@ -18,7 +19,7 @@ from .registry import ATTACKS, AttackSpec, Param, check_attack_name
 from .setting import AttackSetting
 from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd, rfgsm
 from .surrogates import known_surrogates, register_surrogates, use_bpda, use_surrogate
-from .targeted import pgd_targeted
+from .targeted import bim_targeted, mim_targeted, pgd_targeted
 
 __all__ = [
     "ATTACKS", "AUTOATTACK_VERSION", "METRICS", "AttackSetting", "AttackSpec", "Param", "attack_mode",
@@ -28,4 +29,6 @@ __all__ = [
     "nuclear_loss", "nuclear_norm", "nuclear_norm_step", "nuclear_two_step", "parse_budget", "pgd",
     "pgd_targeted", "project", "projected_gradient", "random_start", "register_surrogates", "rfgsm",
     "uniform_noise", "use_bpda", "use_surrogate",
+    "Covariance", "FullCovariance", "IdentityCovariance", "StationaryCovariance",
+    "bim_targeted", "mim_targeted",
 ]

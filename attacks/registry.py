@@ -38,7 +38,7 @@ from .deepfool import deepfool
 from .gama import gama_fw, gama_pgd
 from .noise import lrc, uniform_noise
 from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd, rfgsm
-from .targeted import pgd_targeted
+from .targeted import bim_targeted, mim_targeted, pgd_targeted
 
 KINDS = ("single_step", "iterative", "targeted", "noise", "minimal")
 
@@ -149,6 +149,8 @@ def _pgd_step(eps: float, steps: int, params: dict) -> float:
     return 2.5 * eps / steps
 
 
+_TARGET = Param("random", "str", choices=("random", "all"), help="random: one class != y; all: every class != y")
+
 ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(fgsm, "single_step", step=lambda eps, steps, p: eps, tunable=(), eot=True),
     "fgsm_rs": AttackSpec(fgsm_rs, "single_step", step=lambda eps, steps, p: 1.25 * eps, tunable=("step",),
@@ -163,6 +165,11 @@ ATTACKS: dict[str, AttackSpec] = {
                                params={"target": Param("random", "str", choices=("random", "all"),
                                                        help="random: one class != y; all: every class != y")}),
     "mim": AttackSpec(mim, "iterative", steps=10, step=lambda eps, steps, p: eps / steps, eot=True),
+    # ADR supplementary Tables 3-4: BIM and MIM toward a random class or every class (no random start, no restarts)
+    "bim_targeted": AttackSpec(bim_targeted, "targeted", steps=bim_steps, step=lambda eps, steps, p: 1 / 255, eot=True,
+                               label_params=("target",), params={"target": _TARGET}),
+    "mim_targeted": AttackSpec(mim_targeted, "targeted", steps=10, step=lambda eps, steps, p: eps / steps, eot=True,
+                               label_params=("target",), params={"target": _TARGET}),
     "gama_pgd": AttackSpec(gama_pgd, "iterative", steps=100, step=lambda eps, steps, p: 2 * eps, restarts=True),
     "gama_fw": AttackSpec(gama_fw, "iterative", steps=100, step=lambda eps, steps, p: 0.5, restarts=True,
                           keywords={"step": "gamma"}),

@@ -66,6 +66,19 @@ FIGURES = [
     ("tensorized_cost", "tensorized_theta1_vs_plain", "the same at theta 1 (no masks) / plain"),
     ("deepfool_cost", "deepfool_vs_torchattacks", "torchattacks' DeepFool / ours (time)"),
     ("evaluation_cost", "current_vs_baseline", "PGD-20 evaluation: this checkout / baseline"),
+    ("adr_cost", "adr_vs_pgd_at", "ADR step / PGD-AT step, same PGD-10 (C&W CIFAR CNN)"),
+    ("sgr_cost", "gn_vs_clean", "GN step / clean step (C&W CIFAR CNN)"),
+    ("sgr_cost", "sgr_stationary_vs_clean", "SGR step, stationary Sigma, tracker source `gradient` every step / clean"),
+    ("sgr_cost", "sgr_stationary_step_gradient_vs_clean",
+     "the same, tracker source `step_gradient` (SGR's own g) every step / clean"),
+    ("sgr_cost", "sgr_stationary_every10_vs_clean", "the same, source `gradient` every 10 steps (derived) / clean"),
+    ("sgr_cost", "sgr_stationary_frozen_vs_clean", "SGR step, stationary Sigma frozen / clean"),
+    ("sgr_cost", "sgr_stationary_fgsm_vs_clean", "SGR step, tracker source `fgsm` every step / clean"),
+    ("sgr_cost", "sgr_stationary_pgd_vs_clean", "SGR step, tracker source `pgd` (10 steps) every step / clean"),
+    ("sgr_cost", "sgr_full_vs_clean", "SGR step, full d x d Sigma, source `gradient` every step / clean"),
+    ("covariance_cost", "update_stationary_vs_clean", "covariance tracker update alone (stationary) / clean step"),
+    ("covariance_cost", "update_full_vs_clean", "covariance tracker update alone (full d x d) / clean step"),
+    ("covariance_cost", "matvec_conv_vs_fft", "stationary Sigma g by conv2d / by FFT (time)"),
 ]
 
 
@@ -194,8 +207,39 @@ def evaluation_cost_text(result: dict) -> str:
         f"{commits.get('current', MISSING)} against {commits.get('baseline', MISSING)}{times}{same}.")
 
 
+def adr_cost_text(result: dict) -> str:
+    seconds = result.get("seconds", {})
+    times = ""
+    if {"pgd_at", "adr"} <= set(seconds):
+        times = f" ({1000 * seconds['adr']:.0f} ms against {1000 * seconds['pgd_at']:.0f} ms per step)"
+    return paragraph(
+        "`bench/adr_cost.py` times an ADR training step (every term on) against a PGD-AT step with the same PGD-10, "
+        f"network ({result.get('network', MISSING)}, latent {result.get('latent_dim', MISSING)}-d) and batch{times}. "
+        "Theory: PGD-AT is about 10 * 2 + 3 = 23 forward-equivalents; ADR's 0.5 CE(x) needs a clean forward and "
+        "backward more (about 3), so about 26 / 23 = 1.13 times; the compactness terms themselves (one cdist) cost "
+        "about 1%. One forward of the concatenated clean and adversarial batch instead of two was slower on the CPU.")
+
+
+def sgr_cost_text(result: dict) -> str:
+    return paragraph(
+        "`bench/sgr_cost.py` times GN and SGR steps (C&W CIFAR CNN, Adam) against a clean step, by default in the "
+        "process's CPU time on one thread, with `callbacks.CovarianceTracker` driven as in training (its update in "
+        "`on_train_batch_end`). Theory: GN adds an input-only backward that keeps its graph and a backward through "
+        "it, about 2 times a clean step; the tracker's `gradient` source crafts the paper's predicted-label gradient "
+        "(a forward and an input-only backward more, about 1.1 clean steps measured), which `update_every` amortizes "
+        "(the paper: updating every step is not needed) and `step_gradient` avoids by reusing SGR's own g.")
+
+
+def covariance_cost_text(result: dict) -> str:
+    return paragraph(
+        "`bench/covariance_cost.py` times the covariance tracker's update alone (batch moments by FFT, the EMA and "
+        "the rescaling) against a clean step of the C&W CIFAR CNN, and the stationary Sigma g by FFT against conv2d "
+        "with the (2H-1) x (2W-1) kernel.")
+
+
 TEXTS = {"step_cost": step_cost_text, "tensorized_cost": tensorized_cost_text,
-         "deepfool_cost": deepfool_cost_text, "evaluation_cost": evaluation_cost_text}
+         "deepfool_cost": deepfool_cost_text, "evaluation_cost": evaluation_cost_text, "adr_cost": adr_cost_text,
+         "sgr_cost": sgr_cost_text, "covariance_cost": covariance_cost_text}
 
 
 def render(results: dict[str, dict]) -> str:

@@ -1,5 +1,6 @@
 """Loss landscape: the loss on a 2-D grid around test points, as contour plots (METHODS.md, defensive
-tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5]).
+tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5]), and,
+optionally, the loss with respect to the latent z around an adversarial example (ADR supplementary, Figs. 1-2).
 
 The computation is in ``evaluation/landscape.py``; this module is the Lightning callback that runs it."""
 
@@ -17,11 +18,23 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from attacks import attack_mode
-from evaluation import is_randomized
-from evaluation.landscape import AXIS_LABELS, NORMS, _mix, landscape_directions, loss_surface, plot_surface
+from evaluation import craft, is_randomized
+from evaluation.landscape import (
+    AXIS_LABELS,
+    NORMS,
+    LatentHead,
+    _mix,
+    attack_setting,
+    landscape_directions,
+    loss_surface,
+    plot_surface,
+)
 from networks.tucker import is_tensorized, keep_probability
 
 __all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
+
+
+SPACES = ("input", "latent", "both")
 
 
 def _theta_name(theta: float) -> str:
@@ -50,10 +63,22 @@ class LossLandscape(pl.Callback):
       randomness) is averaged over ``draws`` forward passes, draw k being one seeded random network for the
       whole grid; a deterministic one is evaluated once.
 
-    Writes ``<run dir>/<dirname>/point<i>_theta<t>.png`` per point and theta, ``<run dir>/<dirname>/
-    landscape.json`` (the axis values and, per point and theta, the loss matrix ``loss[a][b]``, rows along
-    the gradient direction), and, with a TensorBoardLogger, figures tagged ``landscape/point<i>/theta<t>``.
-    The last results are also kept in ``self.results``.
+    Latent space (``space: latent`` or ``both``; the ADR supplementary's Figs. 1-2): around the latent
+    ``z_a`` of the point's adversarial example ``x_a`` (``attack``, default PGD at the module's ``eps``), the
+    loss of ``network.logits_from_latent(z_a + a e1 + b e2)``, ``e1`` the gradient of the loss with respect to
+    z at ``z_a`` and ``e2`` a seeded random direction orthogonal to it, normalized like the input axes, over
+    ``[-latent_span, latent_span]`` (the supplementary gives no range: ``latent_span`` defaults to ``span``, in
+    z's own units). ``around: adversarial`` centres the input surface on ``x_a`` too (the supplementary's
+    top row); ``clean`` (default) keeps it on the clean point. ``x_a`` is crafted once per point on the network
+    with its randomness off (theta = 1, like the axes), so every theta's surfaces share one centre; whether the
+    attack fooled the network (the supplementary's positive / negative adversarial examples) is recorded.
+
+    Writes ``<run dir>/<dirname>/point<i>_theta<t>.png`` per point and theta (``point<i>_latent_theta<t>.png``
+    for the latent surface), ``<run dir>/<dirname>/landscape.json`` (the axis values and, per point and theta,
+    the loss matrix ``loss[a][b]``, rows along the gradient direction; the latent ones under each point's
+    ``latent``), and, with a TensorBoardLogger, figures tagged ``landscape/point<i>/theta<t>`` (``landscape/
+    point<i>/latent/theta<t>``); a later run into the same folder writes ``<dirname>-2`` and so on, never over
+    an earlier one. The last results are also kept in ``self.results``.
 
     Args:
         points: indices into the evaluation split.
@@ -68,11 +93,17 @@ class LossLandscape(pl.Callback):
         after_fit: also run when fit ends.
         dirname: folder under the run directory.
         batch_size: grid points per forward pass.
+        space: ``input`` (default), ``latent`` or ``both``.
+        around: centre of the input surface: ``clean`` or ``adversarial``.
+        attack: the attack that makes ``x_a``, as configs write it (``{attack: pgd, steps: 20}``; without
+            ``eps``: the module's ``eps``). Default PGD-10 at the module's ``eps``.
+        latent_span: the latent grid covers ``[-latent_span, latent_span]`` (default: ``span``).
     """
 
     def __init__(self, points: list[int] | None = None, split: str = "test", span: float = 0.5, grid: int = 21,
                  thetas: list[float] | None = None, draws: int = 8, normalize: str = "linf", seed: int = 0,
-                 after_fit: bool = True, dirname: str = "landscape", batch_size: int = 256):
+                 after_fit: bool = True, dirname: str = "landscape", batch_size: int = 256, space: str = "input",
+                 around: str = "clean", attack: dict | None = None, latent_span: float | None = None):
         points = [0, 1, 2, 3] if points is None else list(points)
         thetas = [1.0] if thetas is None else list(thetas)
         if not points or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in points):
@@ -81,8 +112,16 @@ class LossLandscape(pl.Callback):
             raise ValueError(f"points must not repeat an index, got {points}")
         if split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-        if isinstance(span, bool) or not isinstance(span, int | float) or not math.isfinite(span) or span <= 0:
-            raise ValueError(f"span must be a positive number (the grid covers [-span, span]), got {span!r}")
+        latent_span = span if latent_span is None else latent_span
+        for name, value in (("span", span), ("latent_span", latent_span)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number (the grid covers [-{name}, {name}]), got {value!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if around not in ("clean", "adversarial"):
+            raise ValueError(f"around must be 'clean' or 'adversarial' (the input surface's centre), got {around!r}")
+        attack = dict(attack or {"attack": "pgd"})
+        attack_setting(attack, 8 / 255, "LossLandscape")  # a typo or an impossible setting fails when read
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
             raise ValueError(f"grid must be an integer >= 2 (points per axis), got {grid!r}")
         if not thetas:
@@ -104,6 +143,7 @@ class LossLandscape(pl.Callback):
         self.thetas = [float(t) for t in thetas]
         self.draws, self.normalize, self.seed = draws, normalize, seed
         self.after_fit, self.dirname, self.batch_size = after_fit, dirname, batch_size
+        self.space, self.around, self.attack, self.latent_span = space, around, attack, float(latent_span)
         self.results: dict | None = None
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -143,6 +183,31 @@ class LossLandscape(pl.Callback):
         x, y = preprocess(batch, train=False) if preprocess is not None else batch
         return x.detach().clone(), torch.as_tensor(y).detach().clone()
 
+    def _surfaces(self, model, centre: Tensor, y: Tensor, d1: Tensor, d2: Tensor, axis: Tensor, thetas: list[float],
+                  tensorized: bool, point_seed: int) -> dict:
+        """The surface of ``model`` around ``centre`` for each theta (averaged over ``draws`` when randomized)."""
+        surfaces = {}
+        for theta in thetas:
+            with keep_probability(model, theta), attack_mode(model):
+                randomized = (theta < 1.0 and tensorized) or is_randomized(model, centre.unsqueeze(0))
+                draws = self.draws if randomized else 1
+                loss = loss_surface(model, centre, y, d1, d2, axis, axis, draws=draws, batch_size=self.batch_size,
+                                    seed=_mix(point_seed, round(theta * 1_000_000)))
+            surfaces[_theta_name(theta)] = {"theta": theta, "draws": draws, "loss": loss.cpu().tolist()}
+        return surfaces
+
+    def _adversarial(self, trainer, pl_module, network, x: Tensor, y: Tensor, latent: bool):
+        """``(setting, x_a, z_a, prediction on x_a)``: crafted and read with the randomness off (theta = 1) in eval
+        mode, the random start seeded by ``seed``; ``z_a`` is None unless ``latent``."""
+        setting = attack_setting(self.attack, getattr(pl_module, "eps", None), "LossLandscape")
+        bounds = tuple(float(b) for b in getattr(trainer.datamodule, "input_bounds", (0.0, 1.0)))
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with keep_probability(network, 1.0), torch.enable_grad():
+            x_adv = craft(setting, network, x, y, generator, bounds).detach()
+        with torch.no_grad(), attack_mode(network), keep_probability(network, 1.0):
+            z_adv, logits = network.forward_with_latent(x_adv) if latent else (None, network(x_adv))
+        return setting, x_adv, z_adv, logits.argmax(1)
+
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         network = getattr(pl_module, "network", pl_module)
         thetas = self.thetas
@@ -151,45 +216,82 @@ class LossLandscape(pl.Callback):
             rank_zero_warn(f"LossLandscape: {type(network).__name__} has no Tucker layers, so theta has no effect; "
                            f"plotting theta = 1 only instead of {thetas}")
             thetas = [1.0]
+        latent = self.space != "input"
+        adversarial = latent or self.around == "adversarial"
+        head = LatentHead(network) if latent else None  # fails here for a network without a latent interface
         axis = torch.linspace(-self.span, self.span, self.grid, dtype=torch.float64)
-        entries = []
+        latent_axis = torch.linspace(-self.latent_span, self.latent_span, self.grid, dtype=torch.float64)
+        entries, setting = [], None
         with torch.inference_mode(False), trainer.precision_plugin.forward_context():
             x, y = self._inputs(trainer, pl_module)
+            if adversarial:
+                setting, x_adv, z_adv, adv_prediction = self._adversarial(trainer, pl_module, network, x, y, latent)
             for i, index in enumerate(self.points):
                 xi, yi = x[i], y[i]
                 point_seed = _mix(self.seed, index)
-                d1, d2 = landscape_directions(network, xi, yi, seed=point_seed, normalize=self.normalize)
                 with torch.no_grad(), attack_mode(network), keep_probability(network, 1.0):
                     prediction = int(network(xi.unsqueeze(0)).argmax(1).item())
-                surfaces = {}
-                for theta in thetas:
-                    with keep_probability(network, theta), attack_mode(network):
-                        randomized = (theta < 1.0 and tensorized) or is_randomized(network, xi.unsqueeze(0))
-                        draws = self.draws if randomized else 1
-                        loss = loss_surface(network, xi, yi, d1, d2, axis, axis, draws=draws,
-                                            batch_size=self.batch_size,
-                                            seed=_mix(point_seed, round(theta * 1_000_000)))
-                    surfaces[_theta_name(theta)] = {"theta": theta, "draws": draws, "loss": loss.cpu().tolist()}
-                entries.append({"index": index, "label": int(yi), "prediction": prediction, "thetas": surfaces})
-        return {"split": self.split, "span": self.span, "grid": self.grid, "normalize": self.normalize,
-                "seed": self.seed, "axes": {"alpha": AXIS_LABELS[0], "beta": AXIS_LABELS[1]},
-                "alphas": axis.tolist(), "betas": axis.tolist(), "thetas": thetas,
-                "loss_layout": "loss[a][b]: row a along the gradient direction (alphas), column b along the "
-                               "random orthogonal direction (betas); inputs not clamped to the valid range",
-                "network": type(network).__name__, "global_step": trainer.global_step, "points": entries}
+                entry = {"index": index, "label": int(yi), "prediction": prediction}
+                if adversarial:
+                    entry["adversarial_prediction"] = int(adv_prediction[i])
+                    entry["attack_succeeded"] = entry["adversarial_prediction"] != entry["label"]
+                if self.space != "latent":
+                    centre = x_adv[i] if self.around == "adversarial" else xi
+                    d1, d2 = landscape_directions(network, centre, yi, seed=point_seed, normalize=self.normalize)
+                    entry["thetas"] = self._surfaces(network, centre, yi, d1, d2, axis, thetas, tensorized, point_seed)
+                if latent:
+                    zi, latent_seed = z_adv[i], _mix(point_seed, 1)  # its own random direction, not the input's
+                    e1, e2 = landscape_directions(head, zi, yi, seed=latent_seed, normalize=self.normalize)
+                    entry["latent"] = {"latent_dim": zi.numel(), "thetas": self._surfaces(
+                        head, zi, yi, e1, e2, latent_axis, thetas, tensorized, latent_seed)}
+                entries.append(entry)
+        results = {"split": self.split, "span": self.span, "grid": self.grid, "normalize": self.normalize,
+                   "seed": self.seed, "axes": {"alpha": AXIS_LABELS[0], "beta": AXIS_LABELS[1]},
+                   "alphas": axis.tolist(), "betas": axis.tolist(), "thetas": thetas,
+                   "loss_layout": "loss[a][b]: row a along the gradient direction (alphas), column b along the "
+                                  "random orthogonal direction (betas); inputs not clamped to the valid range",
+                   "network": type(network).__name__, "global_step": trainer.global_step, "points": entries,
+                   "space": self.space, "around": self.around}
+        if adversarial:
+            results["attack"] = setting.name
+        if latent:
+            results.update(latent_span=self.latent_span, latent_alphas=latent_axis.tolist(),
+                           latent_betas=latent_axis.tolist())
+        return results
+
+    def _titles(self, results: dict, entry: dict) -> dict:
+        """Figure name stem -> (title's first line, second line or None, tag, surfaces, axis values)."""
+        i, head = entry["index"], f"point {entry['index']} (label {entry['label']}, predicted {entry['prediction']})"
+        if "attack_succeeded" in entry:
+            outcome = "succeeded" if entry["attack_succeeded"] else "failed"
+            detail = (f"point {i}: label {entry['label']}, predicted {entry['prediction']} clean, "
+                      f"{entry['adversarial_prediction']} adversarial (attack {outcome})")
+        figures = {}
+        if "thetas" in entry:
+            lines = ((f"input around the {results['attack']} example", detail) if self.around == "adversarial"
+                     else (head, None))
+            figures[f"point{i}"] = (*lines, f"landscape/point{i}", entry["thetas"], results["alphas"])
+        if "latent" in entry:
+            figures[f"point{i}_latent"] = (f"latent z around the {results['attack']} example", detail,
+                                           f"landscape/point{i}/latent", entry["latent"]["thetas"],
+                                           results["latent_alphas"])
+        return figures
 
     def _write(self, trainer, out_dir: Path, results: dict) -> None:
+        base, k = out_dir, 1
+        while (out_dir / "landscape.json").exists():  # never replace an earlier run's figures (fit end, then test)
+            k += 1
+            out_dir = base.with_name(f"{base.name}-{k}")
         out_dir.mkdir(parents=True, exist_ok=True)
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for entry in results["points"]:
-            for name, surface in entry["thetas"].items():
-                title = (f"point {entry['index']} (label {entry['label']}, predicted {entry['prediction']}), "
-                         f"theta = {name}" + (f", {surface['draws']} draws" if surface["draws"] > 1 else ""))
-                fig = plot_surface(results["alphas"], results["betas"], surface["loss"], title)
-                fig.savefig(out_dir / f"point{entry['index']}_theta{name}.png")
-                for writer in writers:
-                    writer.add_figure(f"landscape/point{entry['index']}/theta{name}", fig,
-                                      global_step=trainer.global_step, close=False)
+            for stem, (first, second, tag, surfaces, axis) in self._titles(results, entry).items():
+                for name, surface in surfaces.items():
+                    title = f"{first}, theta = {name}" + (f", {surface['draws']} draws" if surface["draws"] > 1 else "")
+                    fig = plot_surface(axis, axis, surface["loss"], title + (f"\n{second}" if second else ""))
+                    fig.savefig(out_dir / f"{stem}_theta{name}.png")
+                    for writer in writers:
+                        writer.add_figure(f"{tag}/theta{name}", fig, global_step=trainer.global_step, close=False)
         for writer in writers:
             writer.flush()
         (out_dir / "landscape.json").write_text(json.dumps(results))

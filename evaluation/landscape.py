@@ -1,7 +1,10 @@
 """Loss landscape: the loss on a 2-D grid around one input, and its contour plot (METHODS.md, defensive
 tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5]).
 
-``callbacks.LossLandscape`` runs it on chosen evaluation points and writes the figures."""
+The surface can also be drawn with respect to the latent representation z (the ADR supplementary's Figs. 1-2,
+Bui et al. 2020): :class:`LatentHead` is the classifier part from the latent layer as a module of z, so the same
+two functions give the axes and the surface in latent space. ``callbacks.LossLandscape`` runs them on chosen
+evaluation points and writes the figures."""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import attack_mode
+from attacks import ATTACKS, AttackSetting, attack_mode
 from networks.tucker import keep_probability
 
-__all__ = ["landscape_directions", "loss_surface", "plot_surface"]
+__all__ = ["LatentHead", "attack_setting", "landscape_directions", "loss_surface", "plot_surface"]
 
 NORMS = ("linf", "l2")
 AXIS_LABELS = ("gradient direction", "random orthogonal direction")
@@ -45,6 +48,37 @@ def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+class LatentHead(nn.Module):
+    """``forward(z) = network.logits_from_latent(z)``: the rest of the network from its latent layer, as a module
+    of z (flattened, ``(B, latent_dim)``), so that :func:`landscape_directions` and :func:`loss_surface` draw the
+    loss surface with respect to z. The network is a submodule, so ``attack_mode`` and ``keep_probability``
+    reach every one of its layers."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        if not (hasattr(network, "forward_with_latent") and hasattr(network, "logits_from_latent")):
+            raise TypeError(f"{type(network).__name__} has no forward_with_latent / logits_from_latent, so it has no "
+                            "latent surface; use a network of networks/ or space: input")
+        self.network = network
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.network.logits_from_latent(z)
+
+
+def attack_setting(attack: dict, default_eps: float | None, owner: str) -> AttackSetting:
+    """One attack setting from its config entry, at ``default_eps`` (the module's training budget) unless the
+    entry gives ``eps``; ``owner`` names the callback in the error."""
+    given = dict(attack)
+    if isinstance(given.get("eps"), list | tuple):
+        raise ValueError(f"{owner} attack: give one eps, not a list ({given['eps']})")
+    if ATTACKS[AttackSetting(**given).attack].budget and "eps" not in given:
+        if default_eps is None:
+            raise ValueError(f"{owner}: the module has no eps; give the attack's eps (attack: {{attack: pgd, "
+                             "eps: 8/255}})")
+        given["eps"] = float(default_eps)
+    return AttackSetting(**given).expand()[0]
 
 
 def landscape_directions(network: nn.Module, x: Tensor, y: Tensor | int, seed: int = 0,
@@ -132,7 +166,7 @@ def loss_surface(network: nn.Module, x: Tensor, y: Tensor | int, d1: Tensor, d2:
 
 def plot_surface(alphas: Sequence[float], betas: Sequence[float], loss, title: str, levels: int = 20):
     """A matplotlib Figure (Agg canvas, no pyplot state) of ``loss[i, j]`` at (alphas[i], betas[j]): filled
-    contours, contour lines, a colorbar and the clean point marked at the origin."""
+    contours, contour lines, a colorbar and the centre point (clean or adversarial) marked at the origin."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -150,7 +184,7 @@ def plot_surface(alphas: Sequence[float], betas: Sequence[float], loss, title: s
     fig.colorbar(filled, ax=ax, label="cross-entropy loss")
     ax.set_xlabel(AXIS_LABELS[0])
     ax.set_ylabel(AXIS_LABELS[1])
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9 if "\n" in title else 10)  # two-line titles (adversarial centre)
     ax.set_aspect("equal")
     fig.tight_layout()
     return fig

@@ -3,10 +3,19 @@
 Every network takes inputs in the natural range ([0, 1] images), normalizes inside with a ``Normalize``
 first layer, and exposes ``forward_features(x) -> (B, feature_dim)`` (the penultimate representation) and
 ``head`` (the final linear layer), with ``forward(x) == head(forward_features(x))``.
+
+Every network, and every wrapper (``Tensorized``, ``Binarized``, ``FeatureSqueezing``), also exposes its latent
+layer (``networks.latent``): ``forward_with_latent(x) -> (z, logits)`` in one forward pass (through
+``__call__``, so ``channels_last`` and ``torch.compile`` apply), z flattened to ``(B, latent_dim)`` at the
+layer named by the ``latent_layer`` constructor option (ADR's choice by default: the flattened conv output of
+the small CNNs, the pooled penultimate representation of the ResNets), ``to_latent(x)`` and
+``logits_from_latent(z)`` (the rest of the network from z).
 """
 
 from .binary import XNOR, Binarized, binarize, sign_surrogate, sign_with_surrogate
 from .cnn import CNN4C3F, CarliniCNN, DigitsCNN
+from .latent import LatentNetwork
+from .madry_resnet import MadryResNet
 from .normalize import Normalize
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
@@ -35,6 +44,8 @@ __all__ = [
     "CarliniCNN",
     "DigitsCNN",
     "FeatureSqueezing",
+    "LatentNetwork",
+    "MadryResNet",
     "Normalize",
     "PreActResNet18",
     "ResNet18",

@@ -234,8 +234,8 @@ class Binarized(TransformedNetwork):
     """Config-friendly wrapper: ``networks.Binarized(network=..., surrogate="ste", keep_real=None)``.
 
     Binarizes ``network`` (``binarize``: every conv/linear layer but the first and the last becomes XNOR) and
-    keeps its ``forward_features`` / ``head`` / ``feature_dim`` interface. ``keep_real`` names are relative to
-    ``network``. Wrap the result in ``Tensorized`` for a binary tensorized network.
+    keeps its ``forward_features`` / ``head`` / ``feature_dim`` and latent interface. ``keep_real`` names are
+    relative to ``network``. Wrap the result in ``Tensorized`` for a binary tensorized network.
     """
 
     def __init__(self, network: nn.Module, surrogate: str = "ste", keep_real: list[str] | None = None):

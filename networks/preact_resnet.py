@@ -9,6 +9,7 @@ BN/ReLU at their input. Parameters: kuangliu's PreActResNet18 (11,171,146) + 1,0
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .latent import LatentNetwork
 from .normalize import Normalize, check_channels
 
 
@@ -34,8 +35,12 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet18(nn.Module):
-    """CIFAR PreActResNet-18: blocks [2, 2, 2, 2], widths 64-128-256-512, final BN-ReLU, global avg pool."""
+class PreActResNet18(LatentNetwork):
+    """CIFAR PreActResNet-18: blocks [2, 2, 2, 2], widths 64-128-256-512, final BN-ReLU, global avg pool.
+
+    Latent z (``latent_layer="penultimate"``, the only choice): the pooled 512-d representation after the final
+    BN-ReLU, where ADR takes z in a ResNet.
+    """
 
     def __init__(
         self,
@@ -43,6 +48,7 @@ class PreActResNet18(nn.Module):
         in_channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        latent_layer: str = "penultimate",
     ):
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -56,6 +62,7 @@ class PreActResNet18(nn.Module):
         self.bn = nn.BatchNorm2d(512)
         self.feature_dim = 512
         self.head = nn.Linear(self.feature_dim, num_classes)
+        self._set_latent_layer(latent_layer, {"penultimate": self.feature_dim})
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -70,5 +77,8 @@ class PreActResNet18(nn.Module):
         out = F.relu(self.bn(out))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+    def logits_from_latent(self, z: Tensor) -> Tensor:
+        return self.head(z)

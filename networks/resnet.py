@@ -8,6 +8,7 @@ ImageNet stem's 4x downsampling. 11,173,962 parameters for 10 classes.
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .latent import LatentNetwork
 from .normalize import Normalize, check_channels
 
 
@@ -34,10 +35,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(LatentNetwork):
     """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, global average pooling.
 
-    ``forward_features`` returns the pooled 512-d representation after the last ReLU (ADR's latent z).
+    ``forward_features`` returns the pooled 512-d representation after the last ReLU; it is the latent z
+    (``latent_layer="penultimate"``, the only choice: ADR takes z after the final activation and pooling).
     ``width`` (64) scales every stage (w, 2w, 4w, 8w); smaller widths are for quick tests.
     """
 
@@ -48,6 +50,7 @@ class ResNet18(nn.Module):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         width: int = 64,
+        latent_layer: str = "penultimate",
     ):
         super().__init__()
         if width < 1:
@@ -63,6 +66,7 @@ class ResNet18(nn.Module):
         self.layer4 = self._make_layer(8 * width, 2, stride=2)
         self.feature_dim = 8 * width
         self.head = nn.Linear(self.feature_dim, num_classes)
+        self._set_latent_layer(latent_layer, {"penultimate": self.feature_dim})
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -77,5 +81,8 @@ class ResNet18(nn.Module):
         # Adaptive pooling equals kuangliu's avg_pool2d(out, 4) at 32x32 and still works at other sizes.
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+    def logits_from_latent(self, z: Tensor) -> Tensor:
+        return self.head(z)

@@ -20,6 +20,7 @@ Waveforms are already centred in [-1, 1]: the ``Normalize`` first layer is the i
 
 from torch import Tensor, nn
 
+from .latent import LatentNetwork
 from .normalize import Normalize
 
 # [in_channels, out_channels, kernel, stride, padding] of the five convs (defensive tensorization, section 5).
@@ -38,15 +39,19 @@ def soundnet5_lengths(input_length: int, pool_sizes=SOUNDNET5_POOLS) -> list[int
     return lengths
 
 
-class SoundNet5(nn.Module):
+class SoundNet5(LatentNetwork):
     """SoundNet5 on (B, 1, input_length) waveforms in [-1, 1]; 16000 samples (1 s at 16 kHz) by default.
 
     ``forward_features`` returns the 256-d hidden layer after its ReLU; ``head`` is the Linear 256 ->
-    num_classes. ``flatten_dim`` (512 by default) is the size of the flattened conv output.
+    num_classes. ``flatten_dim`` (512 by default) is the size of the flattened conv output. ``latent_layer``:
+    ``"penultimate"`` (default, the 256-d hidden layer, as ADR places z after a network's last hidden
+    representation) or ``"conv"`` (the flattened conv output, as for the CNN-4C3F networks).
     """
 
+    LATENT_LAYERS = ("conv", "penultimate")
+
     def __init__(self, num_classes: int = 12, input_length: int = 16000, hidden: int = 256,
-                 pool_sizes: tuple[int, ...] | list[int] = SOUNDNET5_POOLS):
+                 pool_sizes: tuple[int, ...] | list[int] = SOUNDNET5_POOLS, latent_layer: str = "penultimate"):
         super().__init__()
         pool_sizes = tuple(int(p) for p in pool_sizes)
         if len(pool_sizes) != len(SOUNDNET5_CONVS) or any(p < 1 for p in pool_sizes):
@@ -68,6 +73,7 @@ class SoundNet5(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(self.flatten_dim, hidden), nn.ReLU())
         self.feature_dim = hidden
         self.head = nn.Linear(hidden, num_classes)
+        self._set_latent_layer(latent_layer, {"conv": self.flatten_dim, "penultimate": hidden})
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != self.input_length:
@@ -79,5 +85,13 @@ class SoundNet5(nn.Module):
         self._check_input(x)
         return self.classifier(self.features(self.normalize(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+    def to_latent(self, x: Tensor) -> Tensor:
+        if self.latent_layer == "conv":
+            self._check_input(x)
+            return self.features(self.normalize(x))
+        return self.forward_features(x)
+
+    def logits_from_latent(self, z: Tensor) -> Tensor:
+        if self.latent_layer == "conv":
+            z = self.classifier(z)
+        return self.head(z)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from attacks.surrogates import register_surrogates
 
 from .tensorize import load_plain_weights
-from .wrapper import TransformedNetwork
+from .wrapper import TransformedNetwork, check_latent
 
 
 def reduce_bit_depth(x: Tensor, bits: int) -> Tensor:
@@ -62,7 +62,8 @@ class FeatureSqueezing(TransformedNetwork):
     ``checkpoint`` loads a plain (unsqueezed) network's weights into ``network`` first, so a normally trained
     model is squeezed at test time, as Xu et al. do. ``surrogate`` is the attack-time behaviour (see the module
     docstring); evaluations switch it with ``attacks.surrogates.use_surrogate`` / ``use_bpda``. Keeps the
-    wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` interface, squeezing in both forwards.
+    wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` and latent interface, squeezing the input
+    in every forward (``logits_from_latent`` starts after the squeezer, so it is the wrapped network's).
     """
 
     SURROGATES = ("exact", "identity", "oblivious")
@@ -112,8 +113,17 @@ class FeatureSqueezing(TransformedNetwork):
             return self.squeeze(x).detach() + (x - x.detach())
         return self.squeeze(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(self._input(x))
+    def forward(self, x: Tensor, return_latent: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        x = self._input(x)
+        if not return_latent:
+            return self.network(x)
+        check_latent(self.network)
+        return self.network(x, return_latent=True)
+
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.network.to_latent(self._input(x))
+
+    # logits_from_latent is the wrapped network's own (inherited): the squeezer acts on the input only.
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.network.forward_features(self._input(x))

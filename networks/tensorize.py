@@ -75,7 +75,8 @@ class Tensorized(TransformedNetwork):
 
     Loads ``checkpoint`` (a plain model's) into ``network`` first when given, then tensorizes it by Tucker
     decomposition of those weights (the paper starts every theta < 1 model from a theta = 1 model). Keeps the
-    wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` interface.
+    wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` and latent (``forward_with_latent``)
+    interface.
     """
 
     def __init__(self, network: nn.Module, rank: float | int | list[int] = 1.0, theta: float = 1.0,

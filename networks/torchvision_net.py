@@ -8,6 +8,7 @@ own forward returns the penultimate features.
 import torchvision
 from torch import Tensor, nn
 
+from .latent import LatentNetwork
 from .normalize import Normalize, check_channels
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -36,13 +37,14 @@ def _find_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     return None
 
 
-class TorchvisionNet(nn.Module):
+class TorchvisionNet(LatentNetwork):
     """A torchvision model by name, e.g. ``TorchvisionNet("resnet18", num_classes=100)``.
 
     weights: None (random init, never downloads) or a torchvision weights name such as "IMAGENET1K_V1" or
     "DEFAULT". With weights and a class count different from theirs, the pretrained head is replaced by a
     fresh linear layer (fine-tuning). Families without a final ``nn.Linear`` at a known place (squeezenet,
-    detection/segmentation models) raise ValueError.
+    detection/segmentation models) raise ValueError. Latent z (``latent_layer="penultimate"``, the only choice,
+    since the inside of a torchvision model differs by family): the input of the last linear layer.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class TorchvisionNet(nn.Module):
         mean: list[float] | None = IMAGENET_MEAN,
         std: list[float] | None = IMAGENET_STD,
         weights: str | None = None,
+        latent_layer: str = "penultimate",
     ):
         super().__init__()
         if in_channels != 3:
@@ -81,10 +84,14 @@ class TorchvisionNet(nn.Module):
         self.model = model
         self.head = head
         self.feature_dim = head.in_features
+        self._set_latent_layer(latent_layer, {"penultimate": self.feature_dim})
         self.name = name
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.model(self.normalize(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+    def logits_from_latent(self, z: Tensor) -> Tensor:
+        return self.head(z)

@@ -225,7 +225,8 @@ class TuckerConv(TuckerLayer):
         (f, c), (a, b) = self.weight_shape[:2], self.ranks[:2]
         best = None
         for (factor_in, factor_out), (_, shape, macs) in self._kernels.items():
-            macs += q_out * math.prod(shape) + factor_in * q_in * c * b + factor_out * q_out * f * a
+            # int(): under torch.compile's dynamic shapes q_in is a symbol, and a bool times a symbol fails.
+            macs += q_out * math.prod(shape) + int(factor_in) * q_in * c * b + int(factor_out) * q_out * f * a
             if best is None or macs < best[0]:
                 best = macs, (factor_in, factor_out)
         return best[1]

@@ -11,6 +11,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .latent import LatentNetwork
 from .normalize import Normalize, check_channels
 
 
@@ -38,8 +39,12 @@ class WideBasicBlock(nn.Module):
         return self.conv2(out) + shortcut
 
 
-class WideResNet(nn.Module):
-    """WRN-depth-widen_factor; default WRN-34-10 (TRADES, Madry et al., NuAT2, ADR's ResNet)."""
+class WideResNet(LatentNetwork):
+    """WRN-depth-widen_factor; default WRN-34-10 (TRADES, Madry et al., NuAT2).
+
+    Latent z (``latent_layer="penultimate"``, the only choice): the pooled representation after the final BN-ReLU.
+    ADR's CIFAR ResNet is Madry's non-wide ResNet, ``networks.MadryResNet``.
+    """
 
     def __init__(
         self,
@@ -50,6 +55,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        latent_layer: str = "penultimate",
     ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -69,6 +75,7 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[3])
         self.feature_dim = widths[3]
         self.head = nn.Linear(self.feature_dim, num_classes)
+        self._set_latent_layer(latent_layer, {"penultimate": self.feature_dim})
         self._init_weights()
 
     @staticmethod
@@ -96,5 +103,8 @@ class WideResNet(nn.Module):
         out = F.relu(self.bn(out))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+    def logits_from_latent(self, z: Tensor) -> Tensor:
+        return self.head(z)

@@ -24,3 +24,23 @@ def advtrain(*args, cwd, check=True, timeout=600, env_extra=None):
 
 def config(name: str) -> Path:
     return ROOT / "configs" / name
+
+
+def straight_and_resumed(args: list, kill_at_step: int, cwd: Path) -> tuple[dict, dict, dict]:
+    """``advtrain fit *args`` twice: once uninterrupted (run name "straight"), once SIGKILLed at ``kill_at_step``
+    and resumed with ``--ckpt_path last`` (run name "killed"). Returns the ``last.ckpt`` of the straight run, of
+    the resumed run, and the one the killed run had left, loaded."""
+    import torch  # only the tests that resume need it
+
+    def last(name: str) -> dict:
+        return torch.load(cwd / "runs" / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+
+    advtrain("fit", *args, "--trainer.logger.init_args.name", "straight", cwd=cwd)
+    killed = advtrain("fit", *args, "--trainer.logger.init_args.name", "killed",
+                      "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step", kill_at_step,
+                      cwd=cwd, check=False, env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert killed.returncode != 0, "the run was meant to be killed"
+    interrupted = last("killed")
+    advtrain("fit", *args, "--trainer.logger.init_args.name", "killed", "--ckpt_path", "last", cwd=cwd)
+    assert not (cwd / "runs" / "killed" / "version_1").exists()  # resumed in the same run directory
+    return last("straight"), last("killed"), interrupted

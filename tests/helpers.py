@@ -45,3 +45,24 @@ class FailAt(pl.Callback):
     def on_test_start(self, trainer, pl_module):
         if self.hook == "test":
             raise RuntimeError("simulated failure at test start")
+
+
+class LatentMLP(nn.Module):
+    """flatten -> Linear(64, 16) -> ReLU = z -> head: the networks' latent interface on the smallest network."""
+
+    latent_dim = 16
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward_with_latent(self, x):
+        z = self.body(x)
+        return z, self.head(z)
+
+    def logits_from_latent(self, z):
+        return self.head(z)
+
+    def forward(self, x):
+        return self.forward_with_latent(x)[1]

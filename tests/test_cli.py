@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from cli_utils import ROOT, advtrain, config
+from cli_utils import advtrain, config, straight_and_resumed
 
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -56,20 +56,9 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     cfg = config("demo/pgd_at.yaml")
     common = ["--trainer.max_epochs", 3, "--model.init_args.steps", 2, *FAST]
-    advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "straight", cwd=tmp_path)
-    killed = advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "killed",
-                      "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step", 30,
-                      cwd=tmp_path, check=False, env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-    assert killed.returncode != 0  # SIGKILL in the middle of the second epoch
-    run = tmp_path / "runs" / "killed" / "version_0"
-    interrupted = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert interrupted["epoch"] == 0  # only the first epoch had finished
-    advtrain("fit", "-c", cfg, *common, "--trainer.logger.init_args.name", "killed", "--ckpt_path", "last",
-             cwd=tmp_path)
-    assert not (tmp_path / "runs" / "killed" / "version_1").exists()  # same run directory
-    straight = torch.load(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt",
-                          weights_only=False)
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    # SIGKILL in the middle of the second epoch: only the first epoch had finished
+    straight, resumed, interrupted = straight_and_resumed(["-c", cfg, *common], 30, tmp_path)
+    assert interrupted["epoch"] == 0
     assert resumed["global_step"] == straight["global_step"] and resumed["epoch"] == 2
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key

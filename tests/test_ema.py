@@ -7,7 +7,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from cli_utils import ROOT, advtrain, config
+from cli_utils import config, straight_and_resumed
 from torch import nn
 
 from callbacks import EMA
@@ -117,15 +117,7 @@ def test_resume_gives_bitwise_the_same_averages_as_an_uninterrupted_run(tmp_path
         "model:\n  init_args:\n    attack_steps: 2\n    attack_on_ema: true\n")
     cfg = config("demo/nuat.yaml")
     fast = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", 2]
-    advtrain("fit", "-c", cfg, "-c", overrides, *fast, "--trainer.logger.init_args.name", "straight", cwd=tmp_path)
-    killed = advtrain("fit", "-c", cfg, "-c", overrides, *fast, "--trainer.logger.init_args.name", "killed",
-                      "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step", 30, cwd=tmp_path,
-                      check=False, env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-    assert killed.returncode != 0
-    advtrain("fit", "-c", cfg, "-c", overrides, *fast, "--trainer.logger.init_args.name", "killed",
-             "--ckpt_path", "last", cwd=tmp_path)
-    a = torch.load(tmp_path / "runs/straight/version_0/checkpoints/last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "runs/killed/version_0/checkpoints/last.ckpt", weights_only=True)
+    a, b, _ = straight_and_resumed(["-c", cfg, "-c", overrides, *fast], 30, tmp_path)
     assert a["global_step"] == b["global_step"] == 60
     for part in ("state_dict", "current_model_state", "averaging_state"):
         for key, value in a[part].items():

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 import attacks.nuclear
 from attacks import attack_mode, gama_pgd, pgd
+from callbacks import CovarianceTracker
 from datamodules import Digits
-from defenses import PGDAT, TRADES, NuAT, Standard
+from defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
 from networks import DigitsCNN, ResNet18, Tensorized
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -114,6 +115,12 @@ DEFENSES = {
     "NuAT2": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
                           lambda_ramp_epochs=1),
     "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(_network(), theta=0.9), eps=0.1, attack="pgd", steps=5),
+    "ADR": lambda: ADR(network=_network(), eps=0.1, steps=5, gsmt=1.0),  # every term on
+    "GN": lambda: GN(network=_network(), lam=1.0, eps=0.1),
+    # SGR with the stationary Sigma of the tracker (its FFT matvec in the step; the update runs after the step)
+    "SGR": lambda: (SGR(network=_network(), lam=1.0, eps=0.1),
+                    [CovarianceTracker(source="step_gradient", representation="stationary")]),
+    "MixtureAT-pgd": lambda: MixtureAT(network=_network(), eps=0.1, attack="pgd", steps=5),
 }
 
 
@@ -137,10 +144,11 @@ def svd_exempted(monkeypatch):
     return calls
 
 
-def fit_checking(module: pl.LightningModule, window: str, steps: int = 3) -> int:
+def fit_checking(module, window: str, steps: int = 3) -> int:
     """``steps`` training steps on the GPU with the sync debug mode "error" inside the module's method ``window``
     (``training_step``, or ``backward``: Lightning calls it for ``loss.backward()``) from its second call on;
-    returns how many calls were checked."""
+    returns how many calls were checked. ``module`` is a LightningModule or (module, the callbacks it needs)."""
+    module, callbacks = module if isinstance(module, tuple) else (module, [])
     method = getattr(module, window)
     calls = []
 
@@ -155,7 +163,7 @@ def fit_checking(module: pl.LightningModule, window: str, steps: int = 3) -> int
     setattr(module, window, checked)
     trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
                          num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(module, datamodule=Digits(batch_size=64))
     assert trainer.global_step == steps
     return len(calls) - 1

@@ -48,8 +48,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import attacks.nuclear
 from attacks import gama_fw, gama_pgd
+from callbacks import CovarianceTracker
 from datamodules import Digits
-from defenses import PGDAT, TRADES, NuAT, Standard
+from defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
 from networks import DigitsCNN, Tensorized
 
 # reads of a tensor's value from Python
@@ -222,7 +223,7 @@ def _network() -> DigitsCNN:
     return DigitsCNN(width=8, hidden=32)
 
 
-DEFENSES: dict[str, Callable[[], pl.LightningModule]] = {
+DEFENSES: dict[str, Callable[[], pl.LightningModule | tuple]] = {
     "Standard": lambda: Standard(network=_network()),
     "PGDAT-pgd": lambda: PGDAT(network=_network(), eps=0.1, attack="pgd", steps=3),
     "PGDAT-fgsm_rs": lambda: PGDAT(network=_network(), eps=0.1, attack="fgsm_rs"),
@@ -232,11 +233,19 @@ DEFENSES: dict[str, Callable[[], pl.LightningModule]] = {
     "NuAT2": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
                           lambda_ramp_epochs=1),
     "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(_network(), theta=0.9), eps=0.1, attack="pgd", steps=3),
+    "ADR": lambda: ADR(network=_network(), eps=0.1, steps=3, gsmt=1.0),  # every term on
+    "GN": lambda: GN(network=_network(), lam=1.0, eps=0.1),
+    # SGR with the stationary Sigma of the tracker (its FFT matvec in the step; the update runs after the step)
+    "SGR": lambda: (SGR(network=_network(), lam=1.0, eps=0.1),
+                    [CovarianceTracker(source="step_gradient", representation="stationary")]),
+    "MixtureAT-pgd": lambda: MixtureAT(network=_network(), eps=0.1, attack="pgd", steps=3),
 }
 
 
-def fit_counting(module: pl.LightningModule, counter: SyncCounter, steps: int = 2) -> int:
-    """``steps`` real training steps on digits, counting inside ``training_step`` only; returns how many ran."""
+def fit_counting(module, counter: SyncCounter, steps: int = 2) -> int:
+    """``steps`` real training steps on digits, counting inside ``training_step`` only; returns how many ran.
+    ``module`` is a LightningModule or (module, the callbacks it needs)."""
+    module, callbacks = module if isinstance(module, tuple) else (module, [])
     step = module.training_step
     ran = []
 
@@ -249,7 +258,7 @@ def fit_counting(module: pl.LightningModule, counter: SyncCounter, steps: int = 
     module.training_step = counted_step
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
                          num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(module, datamodule=Digits(batch_size=32))
     assert trainer.global_step == steps
     return len(ran)

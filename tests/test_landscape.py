@@ -145,6 +145,11 @@ def test_callback_writes_pngs_json_and_tensorboard_figures(tmp_path):
     trainer.test(model, datamodule=Digits(), verbose=False)
     tested = json.loads((tmp_path / "t" / "landscape" / "landscape.json").read_text())
     assert tested["stage"] == "test" and tested["points"] == results["points"]
+    # a second evaluation into the same folder never replaces the first one's files
+    first = (tmp_path / "t" / "landscape" / "landscape.json").read_text()
+    trainer.test(model, datamodule=Digits(), verbose=False)
+    assert (tmp_path / "t" / "landscape" / "landscape.json").read_text() == first
+    assert json.loads((tmp_path / "t" / "landscape-2" / "landscape.json").read_text())["points"] == results["points"]
 
 
 def test_plain_network_warns_and_uses_theta_one(tmp_path):

@@ -156,21 +156,28 @@ def test_cnn_layouts_and_parameter_counts():
     # C&W MNIST: conv 320 + 9,248 + 18,496 + 36,928, fc 1024*200+200, 200*200+200, 200*10+10 = 312,202
     # (the Keras summary of Carlini & Wagner's MNIST model).
     mnist = CarliniCNN("mnist")
-    assert n_params(mnist) == 312_202 and mnist.generator_dim == 64 * 4 * 4
+    assert n_params(mnist) == 312_202 and mnist.conv_dim == 64 * 4 * 4
     cifar = CarliniCNN("cifar")
     convs = [m.out_channels for m in cifar.modules() if isinstance(m, nn.Conv2d)]
-    assert convs == [64, 64, 128, 128] and cifar.generator_dim == 128 * 5 * 5
+    assert convs == [64, 64, 128, 128] and cifar.conv_dim == 128 * 5 * 5
     assert cifar.features[0].in_channels == 3
     for model, width, hidden in [(CNN4C3F(width=32), 32, 200), (CNN4C3F(width=64, in_channels=3, input_size=32),
                                                                  64, 256)]:
-        assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [width] * 4
+        # the C&W widths (METHODS.md, ADR): width-width-pool-2 width-2 width-pool
+        assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [width] * 2 + [2 * width] * 2
         assert all(m.kernel_size == (3, 3) for m in model.modules() if isinstance(m, nn.Conv2d))
         # FC -> ReLU -> Dropout(0.5) -> FC -> ReLU, then the head.
         kinds = [type(m) for m in model.classifier]
         assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU]
         assert model.classifier[2].p == 0.5 and model.classifier[0].out_features == hidden
         assert model.head.in_features == hidden
-    assert CNN4C3F(width=32).generator(torch.rand(2, 1, 28, 28)).shape == (2, 32 * 4 * 4)
+    assert CNN4C3F(width=32).to_latent(torch.rand(2, 1, 28, 28)).shape == (2, 64 * 4 * 4)
+    # CNN-4C3F(32) and (64) are the C&W networks: C&W CIFAR by hand, conv 1,792 + 36,928 + 73,856 + 147,584,
+    # fc 3200*256+256, 256*256+256, 256*10+10 = 1,147,978.
+    assert n_params(CNN4C3F(width=32)) == n_params(mnist) == 312_202
+    assert n_params(CNN4C3F(width=64, in_channels=3, input_size=32)) == n_params(cifar) == 1_147_978
+    literal = CNN4C3F(width=32, second_width=32)  # the supplementary's literal four convs of 32
+    assert [m.out_channels for m in literal.modules() if isinstance(m, nn.Conv2d)] == [32] * 4
     with pytest.raises(ValueError, match="variant"):
         CarliniCNN("svhn")
     with pytest.raises(ValueError, match="too small"):

@@ -131,3 +131,22 @@ def test_imagenet100_nuat_wa_recipe_runs_on_a_fixture_folder(tmp_path, monkeypat
     assert type(fit.model).__name__ == "NuAT" and fit.model.weight_averaging is not None
     assert fit.trainer.global_step == 2  # 8 training images in batches of 4
     assert results["n"] == 8 and results["network"] == "TorchvisionNet"
+
+
+@pytest.mark.parametrize("cfg,network", [("mnist/adr", "CNN4C3F"), ("cifar10/adr_resnet", "MadryResNet")])
+def test_adr_recipes_run_on_fixture_files_and_draw_the_supplementary_figures(cfg, network, tmp_path, monkeypatch):
+    if cfg.startswith("mnist"):
+        write_mnist(tmp_path / "data", n_train=60, n_test=12)
+    else:
+        write_cifar10(tmp_path / "data", n_per_batch=12, n_test=12)
+        patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    fit, results = fit_and_test(f"configs/{cfg}.yaml", "--data.init_args.val_size=10", "--data.init_args.batch_size=25",
+                                "--model.init_args.steps=2", "--model.init_args.val_steps=1")
+    assert type(fit.model).__name__ == "ADR" and type(fit.model.network).__name__ == network
+    assert fit.trainer.global_step == 2 and results["n"] == 12
+    assert {"train/lc", "train/gc", "train/smt", "train/ce_clean", "train/ce_adv"} <= set(fit.trainer.logged_metrics)
+    run = Path(results["run_dir"]) if "run_dir" in results else tmp_path / "runs" / cfg / "version_0"
+    # at test: the t-SNE of z (supplementary Figs. 3-4) and the loss in input and latent space (Figs. 1-2)
+    assert list((run / "latent_tsne").glob("test*.png"))
+    assert {p.name for p in (run / "landscape").glob("*.png")} >= {"point0_theta1.png", "point0_latent_theta1.png"}

@@ -83,6 +83,7 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
         results = load(file)
         if results.get("split", "test") == split:
             version = _version(file.parent)
+            results["results_file"] = file.name
             runs.append((file.parent.parent if version is not None else file.parent, version, results))
     if not runs:
         raise ReportError(f"none of the {len(files)} result files under {', '.join(map(str, paths))} "
@@ -101,7 +102,9 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
         if res.get("checkpoint"):
             name += f" [{Path(res['checkpoint']).stem}]"
         rows.append((name, res))
-    return rows
+    # one checkpoint evaluated twice (another suite): its rows say which results file each one is
+    names = [name for name, _ in rows]
+    return [(f"{name} ({res['results_file']})" if names.count(name) > 1 else name, res) for name, res in rows]
 
 
 class Size(float):

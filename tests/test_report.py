@@ -173,3 +173,15 @@ def test_single_draw_attacks_on_randomized_runs_are_marked_in_markdown_only(tmp_
     assert "50.00† |" in out and "40.00 |" in out and "† randomized network" in out
     with open(table_csv, newline="") as f:
         assert list(csv.reader(f))[1][2:] == ["50.00", "40.00"]
+
+
+def test_one_checkpoint_evaluated_with_two_suites_gives_two_named_rows(tmp_path):
+    run = tmp_path / "runs" / "demo" / "standard" / "version_0"
+    run.mkdir(parents=True)
+    first = result("test", 0.98, [(PGD8, 0.02)]) | {"checkpoint": str(run / "checkpoints" / "best-epoch012.ckpt")}
+    second = result("test", 0.98, [(FGSM8, 0.10)]) | {"checkpoint": first["checkpoint"]}
+    (run / "robustness-best-epoch012.json").write_text(json.dumps(first))
+    (run / "robustness-best-epoch012-2.json").write_text(json.dumps(second))
+    names = [name for name, _ in report.collect([tmp_path / "runs"])]
+    assert sorted(names) == ["standard [best-epoch012] (robustness-best-epoch012-2.json)",
+                             "standard [best-epoch012] (robustness-best-epoch012.json)"]

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -155,22 +156,27 @@ def test_the_console_script_exits_0_on_success_and_2_on_bad_input(trained, tmp_p
 
     ckpt = run / "checkpoints" / "last.ckpt"
     cfg = config("demo/standard.yaml")
-    ok = call("transfer", "-c", cfg, "--checkpoints", ckpt, ckpt, "--attack", '{"attack": "fgsm", "eps": 0.1}',
-              "--limit", 20, "--device", "cpu")
+    # independent processes, two at a time (the machine's cores): each spends seconds importing torch
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ok, tested, covariance = pool.map(lambda args: call(*args), [
+            ("transfer", "-c", cfg, "--checkpoints", ckpt, ckpt, "--attack", '{"attack": "fgsm", "eps": 0.1}',
+             "--limit", 20, "--device", "cpu"),
+            ("test", "-c", cfg, "--ckpt_path", ckpt, "--evaluation.attacks", OTHER, "--evaluation.limit", 20,
+             "--evaluation.filename", "script", *FAST),
+            ("covariance", "-c", cfg, "--output", tmp_path / "cov.pt")])
     assert ok.returncode == 0 and "Transfer matrix" in ok.stdout and "{'sources'" not in ok.stderr
-    assert call("report", run).returncode == 0
-    tested = call("test", "-c", cfg, "--ckpt_path", ckpt, "--evaluation.attacks", OTHER, "--evaluation.limit", 20,
-                  "--evaluation.filename", "script", *FAST)
     assert tested.returncode == 0 and (run / "script-last.json").exists()
-    assert call("covariance", "-c", cfg, "--output", tmp_path / "cov.pt").returncode == 0
-    for args in [("report", tmp_path / "nothing"), ("covariance", "-c", cfg, "--output", tmp_path / "cov.pt"),
-                 ("transfer", "-c", cfg, "--checkpoints", tmp_path / "missing.ckpt", "--attack", '{"attack": "x"}'),
-                 ("transfer", "-c", cfg, "--checkpoints", tmp_path / "missing.ckpt", "--attack",
-                  '{"attack": "fgsm", "eps": 0.1}'),
-                 ("test", "-c", cfg, "--ckpt_path", tmp_path / "missing.ckpt"),
-                 ("fit", "-c", cfg, "--trainer.epochz", 1)]:
-        proc = call(*args)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+    assert call("report", run / "script-last.json").returncode == 0  # the results the test above wrote
+    assert covariance.returncode == 0
+    bad = [("report", tmp_path / "nothing"), ("covariance", "-c", cfg, "--output", tmp_path / "cov.pt"),
+           ("transfer", "-c", cfg, "--checkpoints", tmp_path / "missing.ckpt", "--attack", '{"attack": "x"}'),
+           ("transfer", "-c", cfg, "--checkpoints", tmp_path / "missing.ckpt", "--attack",
+            '{"attack": "fgsm", "eps": 0.1}'),
+           ("test", "-c", cfg, "--ckpt_path", tmp_path / "missing.ckpt"),
+           ("fit", "-c", cfg, "--trainer.epochz", 1)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for args, proc in zip(bad, pool.map(lambda args: call(*args), bad)):
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
 
 def test_the_progress_bar_names_the_setting_that_runs(trained):

@@ -17,13 +17,12 @@ perturbation. Omega is differentiated with respect to the weights by double back
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from networks.wrapper import temporarily_set
 
 from .base import AdversarialDefense, DefenseOutput
 
@@ -60,18 +59,10 @@ def train_mode_batchnorms(network: nn.Module) -> list[_BatchNorm]:
             if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)]
 
 
-@contextmanager
-def batchnorm_eval(network: nn.Module) -> Iterator[None]:
+def batchnorm_eval(network: nn.Module):
     """Put every BatchNorm layer in eval mode (running statistics, no update) and leave dropout as it is;
     restore each layer's own flag afterwards."""
-    saved = [(m, m.training) for m in network.modules() if isinstance(m, _BatchNorm)]
-    for m, _ in saved:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
+    return temporarily_set([m for m in network.modules() if isinstance(m, _BatchNorm)], "training", False)
 
 
 class SGR(AdversarialDefense):

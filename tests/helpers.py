@@ -66,3 +66,35 @@ class LatentMLP(nn.Module):
 
     def forward(self, x):
         return self.forward_with_latent(x)[1]
+
+
+def every_defense(width: int, hidden: int, steps: int) -> dict:
+    """name -> factory of each defense with a small DigitsCNN(width, hidden) and ``steps``-step attacks, for the
+    host-sync checks (tests/test_host_syncs.py on CPU, tests/test_gpu.py on CUDA). A factory returns the module,
+    or (module, the callbacks it needs)."""
+    from callbacks import CovarianceTracker
+    from defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
+    from networks import DigitsCNN, Tensorized
+
+    def network():
+        return DigitsCNN(width=width, hidden=hidden)
+
+    return {
+        "Standard": lambda: Standard(network=network()),
+        "PGDAT-pgd": lambda: PGDAT(network=network(), eps=0.1, attack="pgd", steps=steps),
+        "PGDAT-fgsm_rs": lambda: PGDAT(network=network(), eps=0.1, attack="fgsm_rs"),
+        "TRADES": lambda: TRADES(network=network(), eps=0.1, step=0.03, steps=steps),
+        # nuclear_every=2: consecutive batches attack with and without the nuclear term (both paths run); the
+        # loss has it on both
+        "NuAT": lambda: NuAT(network=network(), eps=0.1, start_scale=0.05, nuclear_every=2, lambda_ramp_epochs=1),
+        "NuAT2": lambda: NuAT(network=network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
+                              lambda_ramp_epochs=1),
+        "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(network(), theta=0.9), eps=0.1, attack="pgd",
+                                          steps=steps),
+        "ADR": lambda: ADR(network=network(), eps=0.1, steps=steps, gsmt=1.0),  # every term on
+        "GN": lambda: GN(network=network(), lam=1.0, eps=0.1),
+        # SGR with the tracker's stationary Sigma (its FFT matvec in the step; the update runs after the step)
+        "SGR": lambda: (SGR(network=network(), lam=1.0, eps=0.1),
+                        [CovarianceTracker(source="step_gradient", representation="stationary")]),
+        "MixtureAT-pgd": lambda: MixtureAT(network=network(), eps=0.1, attack="pgd", steps=steps),
+    }

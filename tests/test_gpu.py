@@ -38,12 +38,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import every_defense
 
 import attacks.nuclear
 from attacks import attack_mode, gama_pgd, pgd
-from callbacks import CovarianceTracker
 from datamodules import Digits
-from defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
 from networks import DigitsCNN, ResNet18, Tensorized
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -100,28 +99,7 @@ def test_tucker_forward_and_backward_never_sync_with_the_host():
     assert logits.shape == logits_eval.shape == (64, 10)
 
 
-def _network() -> DigitsCNN:
-    return DigitsCNN(width=16, hidden=64)
-
-
-DEFENSES = {
-    "Standard": lambda: Standard(network=_network()),
-    "PGDAT-pgd": lambda: PGDAT(network=_network(), eps=0.1, attack="pgd", steps=5),
-    "PGDAT-fgsm_rs": lambda: PGDAT(network=_network(), eps=0.1, attack="fgsm_rs"),
-    "TRADES": lambda: TRADES(network=_network(), eps=0.1, step=0.03, steps=5),
-    # nuclear_every=2: of the checked steps (batches 1 and 2) the first attacks with the nuclear term, the second
-    # without; the loss has it on both
-    "NuAT": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, nuclear_every=2, lambda_ramp_epochs=1),
-    "NuAT2": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
-                          lambda_ramp_epochs=1),
-    "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(_network(), theta=0.9), eps=0.1, attack="pgd", steps=5),
-    "ADR": lambda: ADR(network=_network(), eps=0.1, steps=5, gsmt=1.0),  # every term on
-    "GN": lambda: GN(network=_network(), lam=1.0, eps=0.1),
-    # SGR with the stationary Sigma of the tracker (its FFT matvec in the step; the update runs after the step)
-    "SGR": lambda: (SGR(network=_network(), lam=1.0, eps=0.1),
-                    [CovarianceTracker(source="step_gradient", representation="stationary")]),
-    "MixtureAT-pgd": lambda: MixtureAT(network=_network(), eps=0.1, attack="pgd", steps=5),
-}
+DEFENSES = every_defense(width=16, hidden=64, steps=5)
 
 
 @pytest.fixture

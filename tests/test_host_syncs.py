@@ -43,15 +43,15 @@ from contextlib import contextmanager
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import every_defense
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
 import attacks.nuclear
 from attacks import gama_fw, gama_pgd
-from callbacks import CovarianceTracker
 from datamodules import Digits
-from defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
-from networks import DigitsCNN, Tensorized
+from defenses import Standard
+from networks import DigitsCNN
 
 # reads of a tensor's value from Python
 VALUE_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -223,23 +223,7 @@ def _network() -> DigitsCNN:
     return DigitsCNN(width=8, hidden=32)
 
 
-DEFENSES: dict[str, Callable[[], pl.LightningModule | tuple]] = {
-    "Standard": lambda: Standard(network=_network()),
-    "PGDAT-pgd": lambda: PGDAT(network=_network(), eps=0.1, attack="pgd", steps=3),
-    "PGDAT-fgsm_rs": lambda: PGDAT(network=_network(), eps=0.1, attack="fgsm_rs"),
-    "TRADES": lambda: TRADES(network=_network(), eps=0.1, step=0.03, steps=3),
-    # nuclear_every=2: the first batch's attack is plain CE, the second's has the nuclear term (both paths run)
-    "NuAT": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, nuclear_every=2, lambda_ramp_epochs=1),
-    "NuAT2": lambda: NuAT(network=_network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
-                          lambda_ramp_epochs=1),
-    "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(_network(), theta=0.9), eps=0.1, attack="pgd", steps=3),
-    "ADR": lambda: ADR(network=_network(), eps=0.1, steps=3, gsmt=1.0),  # every term on
-    "GN": lambda: GN(network=_network(), lam=1.0, eps=0.1),
-    # SGR with the stationary Sigma of the tracker (its FFT matvec in the step; the update runs after the step)
-    "SGR": lambda: (SGR(network=_network(), lam=1.0, eps=0.1),
-                    [CovarianceTracker(source="step_gradient", representation="stationary")]),
-    "MixtureAT-pgd": lambda: MixtureAT(network=_network(), eps=0.1, attack="pgd", steps=3),
-}
+DEFENSES = every_defense(width=8, hidden=32, steps=3)
 
 
 def fit_counting(module, counter: SyncCounter, steps: int = 2) -> int:

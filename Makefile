@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Two workers (pytest-xdist): most tests start `advtrain` processes, whose start-up runs on one core.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
@@ -35,6 +38,7 @@ bench: install
 	$(PY) bench/adr_cost.py
 	$(PY) bench/sgr_cost.py
 	$(PY) bench/covariance_cost.py
+	$(PY) bench/sweep_cost.py
 	$(PY) bench/readme_table.py
 
 lint: install

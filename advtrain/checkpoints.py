@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch import nn
 
+from callbacks.requeue import REQUEUE_CHECKPOINT
 from defenses.base import describe_network
 
 
@@ -44,10 +45,32 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("*.ckpt"))
 
 
+
+
+def _position(path: Path) -> tuple[int, int]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1))
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The run's newest exact resume point: ``checkpoints/hpc.ckpt`` (the state when its job was signalled) or
+    ``last.ckpt`` (each epoch's end), whichever is further in training; None if neither loads."""
+    best, best_position = None, None
+    for name in (REQUEUE_CHECKPOINT, "last.ckpt"):  # on a tie the epoch-end checkpoint wins: it comes later
+        path = run_dir / "checkpoints" / name
+        if path.is_file() and unreadable(path) is None:
+            position = _position(path)
+            if best_position is None or position >= best_position:
+                best, best_position = path, position
+    return best
+
+
 def _candidates(run_dir: Path, which: str) -> list[Path]:
     folder = run_dir / "checkpoints"
     if which == "last":
-        return [folder / "last.ckpt"] if (folder / "last.ckpt").exists() else []
+        point = resume_point(run_dir)
+        # a file that does not load is named in the notes (find_checkpoint) rather than passed over in silence
+        return [point] if point is not None else [p for p in (folder / "last.ckpt",) if p.exists()]
     return sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -75,7 +98,8 @@ def config_differences(run_dir: Path, current: dict) -> list[str] | None:
 
 
 def find_checkpoint(root: Path, which: str, current: dict | None = None) -> tuple[Path | None, list[str]]:
-    """The newest usable ``last.ckpt`` (which='last') or best checkpoint (which='best') under ``root``.
+    """The newest usable resume point (which='last': ``last.ckpt`` or a requeued job's ``hpc.ckpt``, see
+    :func:`resume_point`) or best checkpoint (which='best') under ``root``.
 
     Prefers the newest run whose ``config_fit.yaml`` trains what ``current`` trains; otherwise the newest run
     whose file loads. Returns the file and lines that say why it was chosen and what was passed over."""

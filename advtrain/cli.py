@@ -7,6 +7,7 @@ subclass mode, TensorBoard under ``runs/``, and the checkpointing and evaluation
     advtrain report runs/cifar10                                       # results of many runs as one table
     advtrain transfer -c CONFIG --checkpoints A.ckpt B.ckpt --attack '{"attack": "pgd", "eps": "8/255"}'
     advtrain covariance -c CONFIG --output cov.pt                      # the data set's input covariance
+    advtrain sweep configs/tables/digits.yaml --seeds 0 1              # a paper table: every cell, then its report
 
 Every mistake a user can fix (a config typo, a budget in the wrong units, a missing or corrupted data set or
 checkpoint, a GPU preset without a GPU) ends in one line and exit code 2, and a run that fails before it trained
@@ -23,16 +24,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from callbacks import RobustnessEvaluation
+from callbacks import Requeue, RobustnessEvaluation
 from datamodules import DatasetError
 from defenses import AdversarialDefense
 
-from .checkpoints import CheckpointError, check_checkpoint, find_checkpoint, unreadable
+from .checkpoints import CheckpointError, check_checkpoint
 from .guards import UsageError, check_accelerator, check_budgets, class_hint, remove_failed_run, remove_new_logs
+from .runs import resolve_run
 from .saved_config import SaveConfigPerStage
 
 TRAINER_DEFAULTS = {
@@ -63,15 +65,6 @@ class AdvtrainParser(LightningArgumentParser):
         sys.exit(2)
 
 
-def experiment_name(config_files) -> str:
-    """``configs/cifar10/pgd_at.yaml`` -> ``cifar10/pgd_at`` (trainer presets are skipped)."""
-    paths = [Path(str(p)) for p in (config_files or []) if p is not None]
-    paths = [p for p in paths if p.parent.name != "trainer"] or paths
-    if not paths:
-        return "default"
-    return f"{paths[-1].parent.name}/{paths[-1].stem}" if paths[-1].parent.name else paths[-1].stem
-
-
 class AdvtrainCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
@@ -81,6 +74,7 @@ class AdvtrainCLI(LightningCLI):
         kwargs.setdefault("parser_class", AdvtrainParser)
         self.run_dir: Path | None = None
         self.run_dir_existed = True
+        self.created_run: Path | None = None  # a SLURM job's new run, created when the config was resolved
         super().__init__(AdversarialDefense, pl.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -103,6 +97,8 @@ class AdvtrainCLI(LightningCLI):
             "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(RobustnessEvaluation, "evaluation")
+        # a signalled job (SLURM's requeue signal, SIGTERM) saves its state between two steps and is requeued
+        parser.add_lightning_class_args(Requeue, "requeue")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="torch CPU threads per process (default: torch's choice). On a machine shared "
@@ -126,47 +122,13 @@ class AdvtrainCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _resolve_checkpoint(self, config) -> None:
-        logger = config.trainer.logger
-        tensorboard = bool(logger) and "TensorBoardLogger" in str(getattr(logger, "class_path", ""))
-        if tensorboard and logger.init_args.name is None:
-            logger.init_args.name = experiment_name(config.get("config"))
-        ckpt = config.get("ckpt_path")
-        if ckpt in ("last", "best"):
-            if not tensorboard:
-                raise UsageError(f"--ckpt_path {ckpt} looks under the TensorBoard run folders; with another logger "
-                                 "give the path of a .ckpt file")
-            root = Path(logger.init_args.save_dir) / logger.init_args.name
-            found, notes = find_checkpoint(root, ckpt, self._training_settings(config))
-            for note in notes:
-                rank_zero_info(f"--ckpt_path {ckpt}: {note}")
-            if found is None:
-                if self.subcommand == "fit" and ckpt == "last" and not notes:
-                    rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}; starting a new run")
-                    config.ckpt_path = None
-                    return
-                raise CheckpointError(f"--ckpt_path {ckpt}: no usable checkpoint under {root}/version_*/checkpoints"
-                                      + (f" ({'; '.join(notes)})" if notes else "") +
-                                      ". Train first, or give the path of a .ckpt file")
-            config.ckpt_path = ckpt = str(found)
-        if not ckpt and self.subcommand in ("test", "validate"):
+        self.created_run, notes = resolve_run(config, self.subcommand, lambda: self._training_settings(config))
+        for note in notes:
+            rank_zero_info(note)
+        if not config.get("ckpt_path") and self.subcommand in ("test", "validate"):
             rank_zero_info(f"advtrain {self.subcommand} without --ckpt_path evaluates the network as the config "
                            "builds it (freshly initialized, unless the config loads a checkpoint into it); pass "
                            "--ckpt_path best, last or a .ckpt file for a trained run")
-        if ckpt:
-            path = Path(ckpt)
-            if not path.is_file():
-                raise CheckpointError(f"--ckpt_path {ckpt}: no such file")
-            reason = unreadable(path)
-            if reason is not None:
-                others = [str(p) for p in sorted(path.parent.glob("*.ckpt")) if p != path]
-                raise CheckpointError(f"--ckpt_path {ckpt}: the file is {reason}" + (
-                    f"; other checkpoints of this run: {', '.join(others)}" if others else ""))
-            # keep writing into the run the checkpoint came from: resumed TensorBoard curves continue
-            # and test results land next to the training run
-            if tensorboard and path.parent.name == "checkpoints" and logger.init_args.version is None:
-                run_dir = path.parent.parent
-                args = logger.init_args
-                args.save_dir, args.name, args.version = str(run_dir.parent), "", run_dir.name
 
     def _training_settings(self, config) -> dict | None:
         """The current config as saved in config_fit.yaml, for comparing with a run's (None if it cannot be
@@ -193,8 +155,10 @@ class AdvtrainCLI(LightningCLI):
             super().instantiate_classes()
             self._check_built()
         except USER_ERRORS as error:
+            remove_failed_run(self.created_run, existed_before=False)
             fail(str(error))
         except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+            remove_failed_run(self.created_run, existed_before=False)
             reasons = [line.strip()[2:] for line in str(error).splitlines()
                        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
             fail("; ".join(reasons) or str(error))
@@ -212,10 +176,10 @@ class AdvtrainCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         if config.get("enable_checkpointing") is False:
-            # honour the flag: our best/last checkpoint callbacks would make Lightning refuse it
-            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-            config["callbacks"] = [cb for cb in config.get("callbacks") or [] if not isinstance(cb, ModelCheckpoint)]
-            rank_zero_info("checkpointing is off: no best or last checkpoint will be written")
+            # honour the flag: our best/last/requeue checkpoint callbacks would make Lightning refuse it
+            callbacks = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]
+            config["callbacks"] = [cb for cb in config.get("callbacks") or [] if not isinstance(cb, Checkpoint)]
+            rank_zero_info("checkpointing is off: no best, last or requeue checkpoint will be written")
         return super()._instantiate_trainer(config, callbacks)
 
     # ---- running ----------------------------------------------------------------------------------------
@@ -224,7 +188,7 @@ class AdvtrainCLI(LightningCLI):
         that fails before it wrote a checkpoint or results leaves no run directory behind."""
         zero = self.trainer.is_global_zero
         self.run_dir = Path(self.trainer.log_dir) if zero and self.trainer.log_dir else None
-        self.run_dir_existed = self.run_dir is None or self.run_dir.exists()
+        self.run_dir_existed = self.run_dir is None or (self.run_dir.exists() and self.run_dir != self.created_run)
         before = set(self.run_dir.iterdir()) if self.run_dir is not None and self.run_dir_existed else set()
         try:
             super()._run_subcommand(subcommand)
@@ -255,12 +219,16 @@ def main(args=None) -> int:
     """The console script: exit code 0 on success (``sys.exit(main())``), 2 on a user's mistake."""
     argv = sys.argv[1:] if args is None else args
     command = list(argv[:1]) if isinstance(argv, (list, tuple)) else []
-    # report, transfer and covariance are not LightningCLI subcommands
+    # report, sweep, transfer and covariance are not LightningCLI subcommands
     if command == ["report"]:
         from advtrain import report
 
         report.main(list(argv[1:]))
         return 0
+    if command == ["sweep"]:
+        from advtrain import sweep
+
+        return sweep.main(list(argv[1:]))
     if command in (["transfer"], ["covariance"]):
         from advtrain import covariance, transfer
 
@@ -269,7 +237,18 @@ def main(args=None) -> int:
         return 0
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """The processes of a DDP run leave together. Lightning keeps the process group after a run; a process that
+    exits while another still holds its gloo connections can make that one abort (SIGABRT) at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

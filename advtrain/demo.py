@@ -1,4 +1,5 @@
-"""``make demo``: everything the package trains, on scikit-learn's bundled 8x8 digits, each table printed as it ends.
+"""``make demo``: everything the package trains, on scikit-learn's bundled 8x8 digits, as the cells of one table
+(``configs/tables/demo.yaml``) that ``advtrain sweep`` runs two at a time on this machine; then its four tables.
 
 1. Standard training, PGD adversarial training and NuAT-WA of a small CNN under FGSM, PGD and AutoAttack.
 2. A tensorized (randomized Tucker, theta 0.9) CNN over 10 draws with single-draw PGD, EOT PGD and the omniscient
@@ -7,52 +8,31 @@
    DeepFool (rho), long-range correlated noise and uniform noise.
 4. ADR beside its ADV baseline (PGD-AT with the same optimizer), under PGD, multi-targeted PGD and MIM.
 
-Everything goes through the same CLI a user runs (``advtrain fit`` / ``advtrain test``), so the run
-directories under ``runs/demo/`` hold the TensorBoard events, checkpoints and robustness results.
+Every cell goes through the commands a user runs (``advtrain fit`` / ``advtrain test``), so the run directories
+under ``runs/demo/<row>/seed_0`` hold the TensorBoard events, checkpoints and robustness results. A second
+``make demo`` finds every cell finished and prints the tables again (``make clean`` starts over).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import sys
 from pathlib import Path
 
-import yaml
+from advtrain import sweep
+from advtrain.tables import load_table
 
-from advtrain.cli import AdvtrainCLI
-from callbacks import RobustnessEvaluation
-
-DEMOS = {"Standard": "configs/demo/standard.yaml", "PGD-AT": "configs/demo/pgd_at.yaml",
-         "NuAT-WA": "configs/demo/nuat.yaml"}
-TENSORIZED = "configs/demo/tensorized.yaml"
-REGULARIZED = {"GN": "configs/demo/gn.yaml", "SGR": "configs/demo/sgr.yaml"}
-LATENT = {"ADR": "configs/demo/adr.yaml", "ADV (PGD-AT)": "configs/demo/adr_adv.yaml"}
+TABLE = "configs/tables/demo.yaml"
 
 
-def run(name: str, config: str, quiet_args: list[str]) -> dict:
-    """``advtrain fit`` then ``advtrain test`` of the best checkpoint; the test's results (and where they are)."""
-    if not Path(config).exists():
-        raise SystemExit(f"{config} not found: run `make demo` from the repository root")
-    t0 = time.time()
-    fit = AdvtrainCLI(args=["fit", "-c", config, *quiet_args])
-    best = fit.trainer.checkpoint_callback.best_model_path
-    results = test(config, best, quiet_args)
-    results["checkpoint"] = best
-    results["seconds"] = time.time() - t0
+def results_of(run_dir: Path) -> dict:
+    """The newest robustness results of a cell (its test of the best checkpoint)."""
+    files = sorted(run_dir.glob("robustness*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no robustness results in {run_dir}: did its cell fail? See the sweep's output above")
+    results = json.loads(files[-1].read_text())
+    results["run_dir"] = str(run_dir)
     return results
-
-
-def test(config: str, checkpoint: str, args: list[str]) -> dict:
-    cli = AdvtrainCLI(args=["test", "-c", config, "--ckpt_path", checkpoint, *args])
-    results = next(cb.results for cb in cli.trainer.callbacks if isinstance(cb, RobustnessEvaluation))
-    results["run_dir"] = cli.trainer.log_dir
-    return results
-
-
-def with_suite_of(config: str) -> list[str]:
-    """CLI arguments that evaluate with ``config``'s attack suite (to put the standard model in another table)."""
-    attacks = yaml.safe_load(Path(config).read_text())["evaluation"]["attacks"]
-    return ["--evaluation.attacks", json.dumps(attacks)]
 
 
 def table(all_results: dict[str, dict]) -> str:
@@ -70,11 +50,6 @@ def table(all_results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def print_runs(all_results: dict[str, dict]) -> None:
-    for name, res in all_results.items():
-        print(f"{name}: {res['run_dir']} ({res['seconds']:.0f} s)")
-
-
 def randomized_table(res: dict) -> str:
     """Rows: budgets; columns: clean, single-draw PGD, EOT PGD, omniscient PGD (mean ± std over draws)."""
     def cell(a):
@@ -90,46 +65,33 @@ def randomized_table(res: dict) -> str:
 
 
 def main():
-    quiet = ["--trainer.enable_progress_bar", "false"]
-    all_results = {name: run(name, cfg, quiet) for name, cfg in DEMOS.items()}
-    n = next(iter(all_results.values()))["n"]
-    print(f"\nDigits test set (n={n}); accuracy in %; robust = correct both clean and attacked:\n")
-    print(table(all_results))
-    print_runs(all_results)
+    if not Path(TABLE).exists():
+        raise SystemExit(f"{TABLE} not found: run `make demo` from the repository root")
+    code = sweep.main([TABLE, "--parallel", "2"], show_table=False)
+    if code:
+        sys.exit(code)
+    cells = {cell.row: results_of(cell.run_dir) for cell in load_table(TABLE).cells()}
+    first = {name: cells[row] for name, row in (("Standard", "standard"), ("PGD-AT", "pgd_at"), ("NuAT-WA", "nuat_wa"))}
+    print(f"\nDigits test set (n={first['Standard']['n']}); accuracy in %; robust = correct both clean and attacked:\n")
+    print(table(first))
 
-    tensorized = run("Tensorized", TENSORIZED, quiet)
+    tensorized = cells["tensorized"]
     print(f"\nTensorized digits CNN (theta 0.9), n={tensorized['n']}, accuracy in % over {tensorized['draws']} "
           "draws of the randomness (mean ± std):\n")
     print(randomized_table(tensorized))
-    print(f"Tensorized: {tensorized['run_dir']} ({tensorized['seconds']:.0f} s); loss landscapes in "
-          f"{tensorized['run_dir']}/landscape/")
+    print(f"loss landscapes in {tensorized['run_dir']}/landscape/")
 
-    # the standard model of table 1, evaluated again with the regularizers' suite (a results file of its own)
-    t0 = time.time()
-    standard = test(DEMOS["Standard"], all_results["Standard"]["checkpoint"], quiet + with_suite_of(REGULARIZED["GN"]))
-    standard["seconds"] = time.time() - t0
-    regularized = {"Standard": standard, **{name: run(name, cfg, quiet) for name, cfg in REGULARIZED.items()}}
+    regularized = {"Standard": cells["standard_reg"], "GN": cells["gn"], "SGR": cells["sgr"]}
     print("\nGradient regularization (GN: Sigma = I; SGR: Sigma tracked from sign perturbations); accuracy in %; "
           "DeepFool's rho = mean ||r||/||x|| over the test set (larger: more robust):\n")
     print(table(regularized))
-    print_runs(regularized)
 
-    latent = {name: run(name, cfg, quiet) for name, cfg in LATENT.items()}
+    latent = {"ADR": cells["adr"], "ADV (PGD-AT)": cells["adr_adv"]}
     print("\nADR (latent compactness) and its ADV baseline, same network, optimizer and attack; accuracy in %; "
           "multi-targeted PGD: robust only if a targeted PGD toward every other class fails:\n")
     print(table(latent))
-    print_runs(latent)
-
-    print("\nWatch the runs: tensorboard --logdir runs")
-    summary = {**all_results, "Tensorized": tensorized, **{f"{k} (regularization table)": v
-                                                           for k, v in regularized.items()}, **latent}
-    Path("runs/demo").mkdir(parents=True, exist_ok=True)
-    path, k = Path("runs/demo/summary.json"), 1
-    while path.exists():  # an earlier demo's summary stays
-        k += 1
-        path = Path(f"runs/demo/summary-{k}.json")
-    path.write_text(json.dumps(
-        {k: {kk: v for kk, v in r.items() if kk != "per_example"} for k, r in summary.items()}, indent=1))
+    print(f"t-SNE of the latent space: {cells['adr']['run_dir']}/latent_tsne/")
+    print("\nThe runs: runs/demo/<row>/seed_0; watch them with tensorboard --logdir runs/demo")
 
 
 if __name__ == "__main__":

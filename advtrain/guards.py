@@ -84,7 +84,8 @@ def remove_failed_run(run_dir: Path | None, existed_before: bool) -> bool:
 
 
 def _is_log(path: Path) -> bool:
-    return path.name.startswith("events.out.tfevents") or path.suffix in (".yaml", ".yml")
+    # slurm_jobs: the mark of the SLURM job that created the run (advtrain/runs.py)
+    return path.name.startswith("events.out.tfevents") or path.suffix in (".yaml", ".yml") or path.name == "slurm_jobs"
 
 
 def remove_new_logs(run_dir: Path, before: set[Path]) -> None:

@@ -5,6 +5,7 @@ directories, laid out like the papers' tables (rows: defenses; columns: clean, t
     advtrain report runs/cifar10 --latest --csv table.csv  # newest version of each experiment only
     advtrain report runs/mnist --eps-average only          # accuracy averaged over each eps grid (SGR)
     advtrain report runs/mnist/{gn,sgr} --lrc-plot lrc.png # accuracy against LRC's zeta (evaluation/figures.py)
+    advtrain report runs/digits                            # a swept table: each cell mean ± std (n) over seeds
 
 Rows are named by experiment: the run directory relative to the runs' common root, without
 ``version_N`` unless an experiment has several versions, and by the checkpoint that was evaluated (every
@@ -64,7 +65,8 @@ def load(file: Path) -> dict:
 
 
 def _version(run_dir: Path) -> int | None:
-    match = re.fullmatch(r"version_(\d+)", run_dir.name)
+    """N of a run folder ``version_N``, or of ``seed_N`` (a cell of ``advtrain sweep``); None for another folder."""
+    match = re.fullmatch(r"(?:version|seed)_(\d+)", run_dir.name)
     return int(match.group(1)) if match else None
 
 
@@ -84,6 +86,8 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
         if results.get("split", "test") == split:
             version = _version(file.parent)
             results["results_file"] = file.name
+            if file.parent.name.startswith("seed_"):
+                results["sweep_seed"] = version
             runs.append((file.parent.parent if version is not None else file.parent, version, results))
     if not runs:
         raise ReportError(f"none of the {len(files)} result files under {', '.join(map(str, paths))} "
@@ -98,7 +102,8 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
         versions.setdefault(experiment, set()).add(v)
     rows = []
     for experiment, v, res in runs:
-        name = experiment.relative_to(root).as_posix() + (f"/version_{v}" if len(versions[experiment]) > 1 else "")
+        folder = f"seed_{v}" if "sweep_seed" in res else f"version_{v}"
+        name = experiment.relative_to(root).as_posix() + (f"/{folder}" if len(versions[experiment]) > 1 else "")
         if res.get("checkpoint"):
             name += f" [{Path(res['checkpoint']).stem}]"
         rows.append((name, res))
@@ -177,6 +182,8 @@ def table(rows: list[tuple[str, dict]], eps_average: str | None = None
 def _cell(value, mark: bool = False) -> str:
     if value is None or isinstance(value, str):
         return value or ""
+    if hasattr(value, "text"):  # a cell over seeds (aggregate.Spread)
+        return value.text(mark)
     if isinstance(value, Size):
         return f"{value:.4g}"
     return f"{value:.2f}" + (NO_EOT_MARK if mark and isinstance(value, UpperBound) else "")
@@ -192,7 +199,23 @@ def markdown(header: list[str], body: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: str | Path, header: list[str], body: list[list]) -> None:
+def seed_table(rows: list[tuple[str, dict]], eps_average: str | None = None, per_seed: bool = False
+               ) -> tuple[list[str], list[list], bool]:
+    """:func:`table`, with the seeds of each ``advtrain sweep`` cell made one row of ``mean ± std (n)`` unless
+    ``per_seed``; the last value says whether that happened."""
+    from .aggregate import aggregate
+
+    header, body = table(rows, eps_average=eps_average)
+    if per_seed or not any("sweep_seed" in res for _, res in rows):
+        return header, body, False
+    return header, aggregate(rows, body), True
+
+
+def write_csv(path: str | Path, header: list[str], body: list[list], seeds: bool = False) -> None:
+    if seeds:
+        from .aggregate import write_csv as write_seed_csv
+
+        return write_seed_csv(path, header, body)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -209,6 +232,8 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="only results evaluated on this split (default: test)")
     parser.add_argument("--latest", action="store_true", help="only the newest version of each experiment")
+    parser.add_argument("--per-seed", action="store_true", help="one row per seed of an advtrain sweep cell (by "
+                        "default a cell is its mean ± std (n) over seeds; the CSV then has mean, std and n columns)")
     parser.add_argument("--eps-average", choices=["add", "only"], default=None,
                         help="add (or show only) each setting's accuracy averaged over its eps grid: the area under "
                              "the accuracy-vs-eps curve, as the SGR paper reports")
@@ -231,11 +256,13 @@ def main(argv=None) -> None:
     except ReportError as e:
         sys.stderr.write(f"advtrain report: error: {e}\n")
         sys.exit(2)
-    header, body = table(rows, eps_average=args.eps_average)
+    header, body, seeds = seed_table(rows, eps_average=args.eps_average, per_seed=args.per_seed)
     text = markdown(header, body)
     print(text)
+    if seeds:
+        print("cells of advtrain sweep: mean ± std (number of seeds); --per-seed shows each seed")
     sizes = {res["n"] for _, res in rows if "n" in res}
-    if any(isinstance(v, UpperBound) for row in body for v in row):
+    if any(isinstance(v, UpperBound) or getattr(v, "upper_bound", False) for row in body for v in row):
         print(f"{NO_EOT_MARK} randomized network attacked with single-draw gradients (no EOT): an upper bound on "
               "robust accuracy")
     if len(sizes) > 1:
@@ -243,7 +270,7 @@ def main(argv=None) -> None:
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     if args.csv:
-        write_csv(args.csv, header, body)
+        write_csv(args.csv, header, body, seeds)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ FIGURES = [
     ("covariance_cost", "update_stationary_vs_clean", "covariance tracker update alone (stationary) / clean step"),
     ("covariance_cost", "update_full_vs_clean", "covariance tracker update alone (full d x d) / clean step"),
     ("covariance_cost", "matvec_conv_vs_fft", "stationary Sigma g by conv2d / by FFT (time)"),
+    ("sweep_cost", "sequential_vs_two_at_a_time", "`advtrain sweep`: cells one after another / two at a time"),
 ]
 
 
@@ -237,9 +238,19 @@ def covariance_cost_text(result: dict) -> str:
         "with the (2H-1) x (2W-1) kernel.")
 
 
+def sweep_cost_text(result: dict) -> str:
+    seconds = result["seconds"]
+    return paragraph(
+        f"`bench/sweep_cost.py` runs `advtrain sweep {result['table']} --seeds {' '.join(result['seeds'])}` twice in "
+        f"fresh folders: `--parallel 1` (each cell with all {result.get('cpus', MISSING)} cores' threads) took "
+        f"{seconds['parallel_1']:.0f} s, `--parallel 2` (two cells at a time, one thread each) "
+        f"{seconds['parallel_2']:.0f} s. Small networks use a second thread poorly, so two cells at once are faster "
+        "than one cell with two threads.")
+
+
 TEXTS = {"step_cost": step_cost_text, "tensorized_cost": tensorized_cost_text,
          "deepfool_cost": deepfool_cost_text, "evaluation_cost": evaluation_cost_text, "adr_cost": adr_cost_text,
-         "sgr_cost": sgr_cost_text, "covariance_cost": covariance_cost_text}
+         "sgr_cost": sgr_cost_text, "covariance_cost": covariance_cost_text, "sweep_cost": sweep_cost_text}
 
 
 def render(results: dict[str, dict]) -> str:

@@ -36,6 +36,8 @@ from evaluation import (
 from evaluation.engine import metric_keys
 from networks.tucker import is_tensorized
 
+from .requeue import Requeue, stop_requested
+
 
 def _whole_batch(batch):
     """Collate for datasets whose ``__getitems__`` already returns a whole batch."""
@@ -210,7 +212,7 @@ class RobustnessEvaluation(pl.Callback):
             if len(todo) < len(own):
                 rank_zero_info(f"robustness: reusing {len(own) - len(todo)} of {len(own)} batches saved by an "
                                "interrupted evaluation")
-            loader = self._loader(trainer, dataset, [batches[b] for b in todo])
+            loader = iter(self._loader(trainer, dataset, [batches[b] for b in todo]))
             # one step per (batch, setting), named by the setting that runs: AutoAttack on a batch takes minutes
             bar = tqdm(total=len(todo) * len(runs), desc="robustness", leave=False, unit="setting",
                        disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
@@ -219,14 +221,24 @@ class RobustnessEvaluation(pl.Callback):
                 bar.update(i > 0)
                 bar.set_postfix_str(f"{where}: {runs[i].setting.name}")
 
-            for done, (batch_idx, batch) in enumerate(zip(todo, loader)):
-                x, y = self._inputs(trainer, pl_module, batch)
-                result = evaluate_batch(network, runs, x, y, batch_idx, draws, self.seed, self.bounds,
-                                        functools.partial(on_run, f"batch {done + 1}/{len(todo)}"))
-                bar.update(1)
-                cache.save(batch_idx, result)
-                self.computed_batches.append(batch_idx)
-                self.on_batch_done(batch_idx)
+            requeue = next((cb for cb in trainer.callbacks if isinstance(cb, Requeue)), None)
+            # every rank looks for a stop signal as often as rank 0 (the one with the most batches) does: under DDP
+            # that look is a collective
+            done = 0
+            for i in range(len(own_batches(len(batches), 0, trainer.world_size))):
+                if i < len(own) and own[i] in todo:
+                    done += 1
+                    x, y = self._inputs(trainer, pl_module, next(loader))
+                    result = evaluate_batch(network, runs, x, y, own[i], draws, self.seed, self.bounds,
+                                            functools.partial(on_run, f"batch {done}/{len(todo)}"))
+                    bar.update(1)
+                    cache.save(own[i], result)
+                    self.computed_batches.append(own[i])
+                    self.on_batch_done(own[i])
+                if requeue is not None and stop_requested(trainer):
+                    bar.close()
+                    requeue.stop(trainer, f"robustness evaluation stopped: its finished batches are saved in "
+                                          f"{cache.folder}, and the same command attacks only the others")
             bar.close()
             for batch_idx in own:
                 tally.add(batches[batch_idx], cache.load(batch_idx))

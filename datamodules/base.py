@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import random_crop_flip, to_unit_float
 from .errors import DatasetError, DatasetNotFoundError, DatasetValueError, guarded_download
+from .resume import ResumableTraining
 
 __all__ = ["ArrayDataModule", "DatasetError", "DatasetNotFoundError", "DatasetValueError", "SplitDataModule",
            "TensorPairDataset", "collate_batch", "guarded_download", "to_unit_float"]
@@ -68,9 +69,10 @@ def check_loader_args(batch_size: object, eval_batch_size: object, split_seed: o
     _check_int("num_workers", num_workers, 0, "Set data.num_workers to 0 or more worker processes.")
 
 
-class SplitDataModule(pl.LightningDataModule):
+class SplitDataModule(ResumableTraining, pl.LightningDataModule):
     """What every advtrain datamodule shares: the loaders over ``train_set`` and ``eval_dataset(split)``,
-    and ``preprocess`` on the device after each transfer. Subclasses set ``train_set``, ``batch_size``,
+    ``preprocess`` on the device after each transfer, and a training loader that resumes in the middle of an epoch
+    (:class:`~datamodules.resume.ResumableTraining`). Subclasses set ``train_set``, ``batch_size``,
     ``eval_batch_size``, ``num_workers``, ``pin_memory`` and ``collate_fn`` and define ``setup``,
     ``eval_dataset``, ``val_dataloader`` and ``preprocess``."""
 
@@ -90,8 +92,8 @@ class SplitDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        # shuffle=True: under DDP Lightning replaces the sampler by a shuffling DistributedSampler.
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # a RandomSampler: under DDP Lightning replaces it by a shuffling DistributedSampler
+        return self.training_loader(self.train_set, self.batch_size, **self._loader_options())
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
@@ -103,9 +105,11 @@ class SplitDataModule(pl.LightningDataModule):
         return self.preprocess(batch, train=self.trainer is not None and self.trainer.training)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False,
-                          collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **self._loader_options())
+
+    def _loader_options(self) -> dict:
+        return dict(drop_last=False, collate_fn=self.collate_fn, num_workers=self.num_workers,
+                    pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
 
 class ArrayDataModule(SplitDataModule):

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
 
-from .rng import rng_states, set_rng_states
+from .rng import gathered_rng_states, set_rng_states
 from .schedules import PerBatchLR, PiecewiseLinearLR, batches_per_epoch
 
 
@@ -251,10 +251,10 @@ class AdversarialDefense(pl.LightningModule):
         interval = "step" if isinstance(scheduler, PerBatchLR) else "epoch"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
-    # exact resume: the global RNG states (data order, augmentation, random starts) travel with the
+    # exact resume: the global RNG states (data order, augmentation, random starts) of every rank travel with the
     # checkpoint. Lightning runs its sanity check inside isolate_rng, so restoring here is exact.
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["rng_states"] = rng_states()
+        checkpoint["rng_states"] = gathered_rng_states()  # a collective under DDP: Lightning dumps on every rank
         checkpoint["network"] = describe_network(self.network)  # named when a config builds another network
 
     def on_load_checkpoint(self, checkpoint):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -127,7 +128,9 @@ class BatchCache:
 
     def save(self, batch_idx: int, result: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save(result, self._file(batch_idx))
+        partial = self._file(batch_idx).with_suffix(".partial")
+        torch.save(result, partial)
+        os.replace(partial, self._file(batch_idx))  # a process killed while writing leaves no truncated batch
 
     def load(self, batch_idx: int) -> dict:
         return torch.load(self._file(batch_idx), weights_only=True)

@@ -44,3 +44,8 @@ def straight_and_resumed(args: list, kill_at_step: int, cwd: Path) -> tuple[dict
     advtrain("fit", *args, "--trainer.logger.init_args.name", "killed", "--ckpt_path", "last", cwd=cwd)
     assert not (cwd / "runs" / "killed" / "version_1").exists()  # resumed in the same run directory
     return last("straight"), last("killed"), interrupted
+
+
+def last_checkpoint(trainer) -> str:
+    """The path of the run's last.ckpt (the ``last_checkpoint`` callback of the CLI)."""
+    return next(cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "filename", None) == "last")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import signal as signal_module
 
 import pytorch_lightning as pl
 from torch import nn
@@ -98,3 +99,50 @@ def every_defense(width: int, hidden: int, steps: int) -> dict:
                         [CovarianceTracker(source="step_gradient", representation="stationary")]),
         "MixtureAT-pgd": lambda: MixtureAT(network=network(), eps=0.1, attack="pgd", steps=steps),
     }
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signal`` to this very process when training reaches ``step`` (on rank ``rank`` only, or on every
+    rank): a real signal through the real handlers, at a known point of the run."""
+
+    def __init__(self, step: int, signal: str = "SIGUSR1", rank: int | None = None):
+        self.step, self.signum, self.rank = step, getattr(signal_module, signal), rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalAtTestStart(pl.Callback):
+    """Send SIGUSR1 to this process when a test starts, once: the file ``once`` records that it was sent."""
+
+    def __init__(self, once: str):
+        self.once = once
+
+    def on_test_start(self, trainer, pl_module):
+        if not os.path.exists(self.once):
+            open(self.once, "w").close()
+            os.kill(os.getpid(), signal_module.SIGUSR1)
+
+
+class DistinctRankStreams(pl.Callback):
+    """Seed each process's global generators differently (1000 + rank), so that a resume that hands one rank
+    another's random streams shows."""
+
+    def setup(self, trainer, pl_module, stage):
+        import torch
+
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
+class RecordBatches(pl.Callback):
+    """Write, per rank, the bytes of every training example of the first epoch (one line per example, hex) to
+    ``<folder>/rank<r>.txt``: which examples each process trained on."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0:
+            with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "a") as f:
+                f.writelines(example.cpu().numpy().tobytes().hex() + "\n" for example in batch[0])

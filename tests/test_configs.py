@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_utils import ROOT
+from cli_utils import ROOT, last_checkpoint
 from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
 
 from advtrain.cli import AdvtrainCLI
 
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer")
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("trainer", "tables"))
 FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
         "--trainer.devices=1"]
 CHEAP_SUITE = '[{"attack": "fgsm", "eps": "8/255"}, {"attack": "pgd", "eps": "8/255", "steps": 3}]'
@@ -40,7 +40,7 @@ def test_trainer_presets_compose_with_an_experiment(preset, capsys):
 
 def fit_and_test(cfg, *overrides):
     fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / cfg), "--trainer.max_epochs=1", *FAST, *overrides])
-    last = fit.trainer.checkpoint_callbacks[-1].best_model_path
+    last = last_checkpoint(fit.trainer)
     assert last.endswith("last.ckpt")
     test = AdvtrainCLI(args=["test", "-c", str(ROOT / cfg), "--ckpt_path", last, "--evaluation.attacks", CHEAP_SUITE,
                              *FAST, *overrides])

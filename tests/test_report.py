@@ -185,3 +185,29 @@ def test_one_checkpoint_evaluated_with_two_suites_gives_two_named_rows(tmp_path)
     names = [name for name, _ in report.collect([tmp_path / "runs"])]
     assert sorted(names) == ["standard [best-epoch012] (robustness-best-epoch012-2.json)",
                              "standard [best-epoch012] (robustness-best-epoch012.json)"]
+
+
+def test_the_seeds_of_a_swept_cell_are_one_row_of_mean_std_and_n(tmp_path, capsys):
+    """runs/<table>/<row>/seed_<N> (advtrain sweep): each row the mean ± sample std (n) over its seeds, best
+    checkpoints of different epochs grouped; --per-seed shows the seeds; the CSV has mean, std and n."""
+    table = tmp_path / "runs" / "tab"
+    accuracies = {"pgd_at": [(0.80, 0.50), (0.84, 0.46), (0.82, 0.54)], "standard": [(0.95, 0.01)]}
+    for row, seeds in accuracies.items():
+        for seed, (clean, robust) in enumerate(seeds):
+            run = table / row / f"seed_{seed}"
+            run.mkdir(parents=True)
+            data = result("test", clean, [(PGD8, robust)]) | {"checkpoint": f"{run}/checkpoints/best-epoch{seed}.ckpt"}
+            (run / f"robustness-best-epoch{seed}.json").write_text(json.dumps(data))
+    table_csv = tmp_path / "table.csv"
+    report.main([str(table), "--csv", str(table_csv)])
+    out = capsys.readouterr().out
+    assert "| pgd_at [best]   | 82.00 ± 2.00 (3) | 50.00 ± 4.00 (3) |" in out
+    assert "| standard [best] |        95.00 (1) |" in out and "mean ± std (number of seeds)" in out
+    with open(table_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["experiment", "clean mean", "clean std", "clean n", f"{PGD8} mean", f"{PGD8} std", f"{PGD8} n"]
+    assert rows[1] == ["pgd_at [best]", "82.0000", "2.0000", "3", "50.0000", "4.0000", "3"]
+
+    report.main([str(table), "--per-seed"])
+    per_seed = capsys.readouterr().out
+    assert "pgd_at/seed_1 [best-epoch1] | 84.00 |" in per_seed and "±" not in per_seed

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_utils import ROOT
+from cli_utils import ROOT, last_checkpoint
 from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
 
 from advtrain import report, transfer
@@ -123,7 +123,7 @@ def test_sgr_rows_train_and_test_on_fixture_files(config, tmp_path, monkeypatch)
     assert tracker.update_every == 10
     assert fit.model.covariance is tracker.covariance and tracker.batches == 2 and tracker.updates == 1
     assert torch.isfinite(fit.trainer.callback_metrics["train/omega"])
-    last = fit.trainer.checkpoint_callbacks[-1].best_model_path
+    last = last_checkpoint(fit.trainer)
     test = AdvtrainCLI(args=["test", "-c", str(ROOT / "configs" / f"{config}.yaml"), "--ckpt_path", last, *common])
     results = json.loads((Path(test.trainer.log_dir) / "robustness-last.json").read_text())
     assert [a["name"] for a in results["attacks"]] == ["pgd-2 eps=0.1", "lrc zeta=2 samples=2 eps=0.1"]
@@ -148,7 +148,7 @@ def runs(tmp_path_factory):
         config = str(ROOT / "configs" / "demo" / f"{name}.yaml")
         common = [f"--trainer.logger.init_args.save_dir={root / 'runs'}", "--evaluation.attacks", SUITE, *QUICK]
         fit = AdvtrainCLI(args=["fit", "-c", config, *common])
-        last = fit.trainer.checkpoint_callbacks[-1].best_model_path
+        last = last_checkpoint(fit.trainer)
         assert last.endswith("last.ckpt") and fit.trainer.global_step == 40  # 2 epochs of 20 batches
         test = AdvtrainCLI(args=["test", "-c", config, "--ckpt_path", last, *common])
         results = json.loads((Path(test.trainer.log_dir) / "robustness-last.json").read_text())

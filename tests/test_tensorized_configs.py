@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from cli_utils import ROOT
+from cli_utils import ROOT, last_checkpoint
 from fixtures_data import patch_cifar10_checksums, write_cifar10, write_speech_commands
 
 from advtrain.cli import AdvtrainCLI
@@ -21,7 +21,7 @@ FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=f
 
 def fit(cfg, *overrides):
     run = AdvtrainCLI(args=["fit", "-c", str(ROOT / cfg), *FAST, *overrides])
-    return run, run.trainer.checkpoint_callbacks[-1].best_model_path
+    return run, last_checkpoint(run.trainer)
 
 
 def evaluate(cfg, ckpt, suite, *overrides):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from cli_utils import ROOT
+from cli_utils import ROOT, last_checkpoint
 
 from advtrain import transfer
 from advtrain.cli import AdvtrainCLI
@@ -23,7 +23,7 @@ def checkpoints(tmp_path_factory):
         cli = AdvtrainCLI(args=["fit", "-c", str(ROOT / f"configs/demo/{name}.yaml"), "--trainer.max_epochs=3",
                                 "--trainer.enable_progress_bar=false", "--model.init_args.val_steps=1",
                                 f"--trainer.logger.init_args.save_dir={root / 'runs'}"])
-        paths.append(cli.trainer.checkpoint_callbacks[-1].best_model_path)
+        paths.append(last_checkpoint(cli.trainer))
     return root, paths
 
 

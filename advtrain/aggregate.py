@@ -1,0 +1,63 @@
+"""Seeds of one cell as one row: ``advtrain report`` of a swept table gives each cell as ``mean ± std (n)``.
+
+A run folder ``seed_<N>`` is a cell of ``advtrain sweep``; its rows (one per evaluated checkpoint) are grouped with
+the other seeds' rows of the same experiment and checkpoint kind (``best-epoch012`` and ``best-epoch017`` are both
+the best checkpoint of their seed). The std is the sample standard deviation (n - 1); it is 0 for one seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+from pathlib import Path
+
+from .report import NO_EOT_MARK, Size, UpperBound  # report imports this module lazily
+
+
+class Spread(float):
+    """The mean of a cell over seeds (a float, so sorting and comparisons work), with its std and n."""
+
+    def __new__(cls, values: list[float]):
+        spread = super().__new__(cls, statistics.fmean(values))
+        spread.std = statistics.stdev(values) if len(values) > 1 else 0.0
+        spread.n = len(values)
+        spread.size = any(isinstance(v, Size) for v in values)  # a perturbation size, not a percentage
+        spread.upper_bound = any(isinstance(v, UpperBound) for v in values)  # single-draw gradients (no EOT)
+        return spread
+
+    def text(self, mark: bool = True) -> str:
+        mean = f"{self:.4g}" if self.size else f"{self:.2f}"
+        spread = "" if self.n == 1 else f" ± {self.std:.2g}" if self.size else f" ± {self.std:.2f}"
+        return f"{mean}{spread} ({self.n})" + (NO_EOT_MARK if mark and self.upper_bound and not self.size else "")
+
+
+def _group(name: str) -> str:
+    """``sgr/seed_1 [best-epoch017]`` -> ``sgr [best]``: the cell a seed's row belongs to."""
+    name = re.sub(r"/seed_\d+", "", name)
+    return re.sub(r"best-epoch\d+", "best", name)
+
+
+def aggregate(rows: list[tuple[str, dict]], body: list[list]) -> list[list]:
+    """One row per cell (rows of ``seed_N`` runs grouped; other rows as they are), each value a :class:`Spread`."""
+    groups: dict[str, list[list]] = {}
+    for (name, res), row in zip(rows, body, strict=True):
+        groups.setdefault(_group(name) if "sweep_seed" in res else name, []).append(row)
+    out = []
+    for name, members in groups.items():
+        columns = list(zip(*(row[1:] for row in members)))
+        out.append([name, *(Spread([v for v in column if v is not None]) if any(v is not None for v in column)
+                            else None for column in columns)])
+    return out
+
+
+def write_csv(path: str | Path, header: list[str], body: list[list]) -> None:
+    """Columns ``<setting> mean``, ``<setting> std``, ``<setting> n`` for every setting."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([header[0], *(f"{h} {part}" for h in header[1:] for part in ("mean", "std", "n"))])
+        for row in body:
+            cells = []
+            for v in row[1:]:
+                cells += ["", "", ""] if v is None else [f"{float(v):.4f}", f"{v.std:.4f}", str(v.n)]
+            writer.writerow([row[0], *cells])

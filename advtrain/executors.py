@@ -55,7 +55,7 @@ class Local:
     def extra(self) -> tuple[str, ...]:
         return ("--threads", str(self.threads), *_quiet())
 
-    def dry_run_text(self) -> str:
+    def dry_run_text(self, cells: list[Cell]) -> str:
         return ""
 
     def run(self, cells: list[Cell]) -> list[Cell]:
@@ -133,13 +133,22 @@ class Slurm:
         at_once = f", at most {self.args.parallel} at once" if self.args.parallel else ""
         return f"SLURM executor: {n} to submit as one job array, one task per cell{at_once}"
 
-    def dry_run_text(self) -> str:
+    def dry_run_text(self, cells: list[Cell]) -> str:
+        """The sbatch script of the first job array, as submitit would write it."""
         from submitit.slurm.slurm import _make_sbatch_string
 
-        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(self.folder))}"
-        script = _make_sbatch_string(command=command, folder=self.folder, map_count=2, **self.parameters(2))
-        return ("the job array's script (submitit writes it with --array=0-<cells - 1>; each task runs its cell's "
-                "fit and test, pickled beside it):\n" + script)
+        stages = _stages(cells)
+        if not stages:
+            return ""
+        folder = self.folder.absolute()
+        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        n = len(stages[0])
+        script = _make_sbatch_string(command=command, folder=folder, map_count=n, **self.parameters(n))
+        later = (f"; {len(stages) - 1} later array(s) for the {sum(map(len, stages[1:]))} cells that start from "
+                 "another cell's checkpoint, each with --dependency=afterok on the arrays before" if len(stages) > 1
+                 else "")
+        return (f"the script of the job array (one task per cell, each running its cell's fit and test, pickled "
+                f"beside it{later}):\n" + script)
 
     def run(self, cells: list[Cell]) -> list[Cell]:
         """Submit ``cells`` as job arrays: one for the cells that need no other, then one per later stage, each

@@ -204,7 +204,7 @@ def main(argv=None, show_table: bool = True) -> int:
             for command in cell.commands(runner.extra()):
                 print(f"      advtrain {shlex.join(command)}")
     if args.dry_run:
-        print(runner.dry_run_text(), end="")
+        print(runner.dry_run_text([cell for cell, what, _ in todo if what in ("start", "resume", "rerun")]), end="")
         print("(dry run: nothing was submitted or written)")
         return 0
     started = time.time()

@@ -108,11 +108,10 @@ class Requeue(Checkpoint):
     def setup(self, trainer, pl_module, stage):
         if threading.current_thread() is threading.main_thread():
             signal.signal(self._signal(trainer), _on_signal)
-        if stage == "fit":
+        if stage == "fit":  # next to last.ckpt (ModelCheckpoint's setup ran first: a Checkpoint before this one)
             checkpoint = trainer.checkpoint_callback
-            directory = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else None
-            self.dirpath = Path(directory) if directory else Path(trainer.log_dir or trainer.default_root_dir) / \
-                "checkpoints"
+            folder = checkpoint.dirpath if checkpoint is not None else None
+            self.dirpath = Path(folder or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._stopping is None and stop_requested(trainer):

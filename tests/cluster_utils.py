@@ -94,8 +94,10 @@ import os, shutil, sys
 log = os.environ["FAKE_SLURM_LOG"]
 with open(log, "a") as f:
     f.write("sbatch " + " ".join(sys.argv[1:]) + "\\n")
-shutil.copy(sys.argv[-1], os.path.join(os.path.dirname(log), "submitted.sh"))
-print("Submitted batch job 4242")
+folder = os.path.dirname(log)
+n = len([f for f in os.listdir(folder) if f.startswith("submitted")])
+shutil.copy(sys.argv[-1], os.path.join(folder, f"submitted{{n or ''}}.sh"))  # submitted.sh, submitted1.sh, ...
+print(f"Submitted batch job {{4242 + n}}")
 """
 
 FAKE_SACCT = """#!{python}
@@ -114,8 +116,9 @@ echo "$(basename $0) $*" >> "$FAKE_SLURM_LOG"
 
 
 def fake_login_node(folder: Path) -> Path:
-    """A folder with fake ``sbatch`` (records the script, answers with job 4242), ``sacct`` (answers the states in
-    FAKE_SACCT_STATES, e.g. ``4242_0|RUNNING|node1``), ``squeue`` and ``srun``; put it first on PATH."""
+    """A folder with fake ``sbatch`` (records the script, answers with job 4242, then 4243, ...), ``sacct``
+    (answers the states in FAKE_SACCT_STATES, e.g. ``4242_0|RUNNING|node1``), ``squeue`` and ``srun``; put it first
+    on PATH."""
     fake_slurm_bin(folder)
     for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT), ("squeue", FAKE_QUIET), ("srun", FAKE_QUIET)):
         (folder / name).write_text(text.format(python=sys.executable))

@@ -166,3 +166,21 @@ def test_pgd_under_bf16_autocast_on_gpu_keeps_float32_iterates():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x_adv = pgd(net, x, y, 8 / 255, steps=5)
     assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_the_random_streams_of_the_current_gpu_are_saved_and_restored():
+    """Each process saves the generator of its own device only (a run saved on more GPUs than it is resumed on
+    restores without an IndexError), and restoring gives the same draws again."""
+    from defenses.rng import gathered_rng_states, set_rng_states
+
+    torch.cuda.manual_seed_all(3)
+    torch.rand(1, device="cuda")
+    (saved,) = gathered_rng_states()
+    assert torch.equal(saved["cuda_device"], torch.cuda.get_rng_state(torch.cuda.current_device()))
+    first = torch.rand(1000, device="cuda")
+    set_rng_states([saved])
+    assert torch.equal(torch.rand(1000, device="cuda"), first)
+    older = {key: value for key, value in saved.items() if key != "cuda_device"}
+    older["cuda"] = [saved["cuda_device"]] * 64  # a checkpoint of before: every visible device of its node
+    set_rng_states(older)
+    assert torch.equal(torch.rand(1000, device="cuda"), first)

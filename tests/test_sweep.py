@@ -134,6 +134,28 @@ def test_slurm_sweep_submits_one_array_with_the_resources_signal_and_requeue(tmp
     assert log.read_text().count("sbatch ") == 1
 
 
+def test_cells_that_start_from_another_cell_go_in_a_later_array_that_waits_for_it(tmp_path, monkeypatch, capsys):
+    bin_dir = fake_login_node(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "slurm.log"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text(
+        f"seeds: [0, 1]\nrows:\n  - {{name: plain, config: {DEMO}/tensorized.yaml,"
+        " overrides: {model.init_args.network.init_args.theta: 1.0}}\n"
+        f"  - {{name: randomized, config: {DEMO}/tensorized.yaml,"
+        " overrides: {model.init_args.network.init_args.checkpoint: '{cell:plain}/checkpoints/last.ckpt'}}\n")
+    assert sweep.main([str(tmp_path / "t.yaml"), "--executor", "slurm"]) == 0
+    first, second = (tmp_path / "submitted.sh").read_text(), (tmp_path / "submitted1.sh").read_text()
+    assert "#SBATCH --array=0-1" in first and "--dependency" not in first
+    assert "#SBATCH --array=0-1" in second and "#SBATCH --dependency=afterok:4242" in second.splitlines()
+    out = capsys.readouterr().out
+    assert "submitted randomized seed 1 as SLURM job 4243_1 after job 4242" in out
+    from submitit.core.utils import DelayedSubmission
+
+    cell = DelayedSubmission.load(tmp_path / "runs" / "t" / "submitit" / "4243_1" / "4243_1_submitted.pkl").args[0]
+    assert "runs/t/plain/seed_1/checkpoints/last.ckpt" in cell.fit_args()  # the same seed's plain cell
+
+
 def test_dry_run_on_slurm_prints_the_cells_commands_and_script_and_writes_nothing(tmp_path):
     table = ROOT / "configs" / "tables" / "sgr_mnist.yaml"
     out = advtrain("sweep", table, "--executor", "slurm", "--gpus", 1, "--dry-run", cwd=tmp_path).stdout  # no SLURM

@@ -1,5 +1,5 @@
 import sys
 
-from advtrain.cli import main
+from advtrain.console import main
 
 sys.exit(main())

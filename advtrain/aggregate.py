@@ -1,4 +1,5 @@
-"""Seeds of one cell as one row: ``advtrain report`` of a swept table gives each cell as ``mean ± std (n)``.
+"""The values in the cells of ``advtrain report``'s table, and the seeds of one cell as one row: a swept table gives
+each cell as ``mean ± std (n)``.
 
 A run folder ``seed_<N>`` is a cell of ``advtrain sweep``; its rows (one per evaluated checkpoint) are grouped with
 the other seeds' rows of the same experiment and checkpoint kind (``best-epoch012`` and ``best-epoch017`` are both
@@ -12,7 +13,16 @@ import re
 import statistics
 from pathlib import Path
 
-from .report import NO_EOT_MARK, Size, UpperBound  # report imports this module lazily
+NO_EOT_MARK = "†"
+
+
+class UpperBound(float):
+    """An accuracy of a randomized network under an attack with single-draw gradients (no EOT)."""
+
+
+class Size(float):
+    """A perturbation size (DeepFool's rho, a median L2 norm), not a percentage: printed with 4 significant digits."""
+
 
 
 class Spread(float):

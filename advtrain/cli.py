@@ -215,26 +215,9 @@ def quiet_lightning_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def main(args=None) -> int:
-    """The console script: exit code 0 on success (``sys.exit(main())``), 2 on a user's mistake."""
-    argv = sys.argv[1:] if args is None else args
-    command = list(argv[:1]) if isinstance(argv, (list, tuple)) else []
-    # report, sweep, transfer and covariance are not LightningCLI subcommands
-    if command == ["report"]:
-        from advtrain import report
-
-        report.main(list(argv[1:]))
-        return 0
-    if command == ["sweep"]:
-        from advtrain import sweep
-
-        return sweep.main(list(argv[1:]))
-    if command in (["transfer"], ["covariance"]):
-        from advtrain import covariance, transfer
-
-        quiet_lightning_noise()
-        (transfer if command == ["transfer"] else covariance).main(list(argv[1:]))
-        return 0
+def run(args: list[str] | None = None) -> int:
+    """``advtrain fit|validate|test ...`` (the LightningCLI subcommands); exit code 0, or a ``SystemExit``: 2 for a
+    user's mistake, 3 for a run stopped to be requeued."""
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
     leave_process_group()
@@ -249,7 +232,3 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .sweep import read_status, run_cell
+from .cell import read_status, run_cell
 from .tables import Cell
 
 WEEK_MIN = 7 * 24 * 60  # submitit's local executor kills a job after its timeout (2 minutes unless told)

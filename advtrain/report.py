@@ -26,14 +26,9 @@ import re
 import sys
 from pathlib import Path
 
+from .aggregate import NO_EOT_MARK, Size, UpperBound, aggregate  # the values of table cells
+
 RESULTS = "robustness*.json"  # robustness.json, robustness-<checkpoint>.json, ...-2.json
-NO_EOT_MARK = "†"
-
-
-class UpperBound(float):
-    """An accuracy of a randomized network under an attack with single-draw gradients (no EOT)."""
-
-
 class ReportError(Exception):
     """A problem with the paths or result files given to ``advtrain report``."""
 
@@ -110,10 +105,6 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
     # one checkpoint evaluated twice (another suite): its rows say which results file each one is
     names = [name for name, _ in rows]
     return [(f"{name} ({res['results_file']})" if names.count(name) > 1 else name, res) for name, res in rows]
-
-
-class Size(float):
-    """A perturbation size (DeepFool's rho, a median L2 norm), not a percentage: printed with 4 significant digits."""
 
 
 def _family(entry: dict) -> str | None:
@@ -203,8 +194,6 @@ def seed_table(rows: list[tuple[str, dict]], eps_average: str | None = None, per
                ) -> tuple[list[str], list[list], bool]:
     """:func:`table`, with the seeds of each ``advtrain sweep`` cell made one row of ``mean ± std (n)`` unless
     ``per_seed``; the last value says whether that happened."""
-    from .aggregate import aggregate
-
     header, body = table(rows, eps_average=eps_average)
     if per_seed or not any("sweep_seed" in res for _, res in rows):
         return header, body, False

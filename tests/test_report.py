@@ -143,9 +143,9 @@ def test_help_describes_the_command(capsys):
 
 
 def test_advtrain_cli_dispatches_report(runs, capsys):
-    from advtrain import cli
+    from advtrain import console
 
-    cli.main(["report", str(runs), "--latest"])
+    console.main(["report", str(runs), "--latest"])
     assert capsys.readouterr().out == EXPECTED_LATEST + "\n"
 
 

@@ -13,6 +13,7 @@ from cli_utils import ROOT, advtrain
 from cluster_utils import fake_login_node
 
 from advtrain import sweep
+from advtrain.cell import run_cell
 from advtrain.tables import load_table
 
 DIGITS = ROOT / "configs" / "tables" / "digits.yaml"
@@ -115,7 +116,7 @@ def test_slurm_sweep_submits_one_array_with_the_resources_signal_and_requeue(tmp
     for task in range(4):
         pickled = tmp_path / "runs" / "digits" / "submitit" / f"4242_{task}" / f"4242_{task}_submitted.pkl"
         delayed = DelayedSubmission.load(pickled)
-        assert delayed.function is sweep.run_cell
+        assert delayed.function is run_cell
         cell, fit_extra, _ = delayed.args
         cells.append((cell.row, cell.seed))
         fit = cell.fit_args(fit_extra)

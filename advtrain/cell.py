@@ -32,8 +32,8 @@ def read_status(cell: Cell) -> dict:
 def run_cell(cell: Cell, fit_extra: tuple[str, ...] = (), test_extra: tuple[str, ...] = ()) -> str:
     """The job of one cell (pickled by submitit): ``advtrain fit`` then ``advtrain test`` in this process. Its status
     file says running, then done or failed; a requeued job leaves it at running (it resumes)."""
+    from advtrain.callbacks.requeue import Requeued
     from advtrain.cli import run
-    from callbacks.requeue import Requeued
 
     log = None
     try:

@@ -11,8 +11,8 @@ import torch
 import yaml
 from torch import nn
 
-from callbacks.requeue import REQUEUE_CHECKPOINT
-from defenses.base import describe_network
+from advtrain.callbacks.requeue import REQUEUE_CHECKPOINT
+from advtrain.defenses.base import describe_network
 
 
 class CheckpointError(Exception):

@@ -28,12 +28,20 @@ from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCh
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from callbacks import Requeue, RobustnessEvaluation
-from datamodules import DatasetError
-from defenses import AdversarialDefense
+from advtrain.callbacks import Requeue, RobustnessEvaluation
+from advtrain.datamodules import DatasetError
+from advtrain.defenses import AdversarialDefense
 
 from .checkpoints import CheckpointError, check_checkpoint
-from .guards import UsageError, check_accelerator, check_budgets, class_hint, remove_failed_run, remove_new_logs
+from .guards import (
+    UsageError,
+    check_accelerator,
+    check_budgets,
+    check_class_paths,
+    class_hint,
+    remove_failed_run,
+    remove_new_logs,
+)
 from .runs import resolve_run
 from .saved_config import SaveConfigPerStage
 
@@ -218,6 +226,10 @@ def quiet_lightning_noise() -> None:
 def run(args: list[str] | None = None) -> int:
     """``advtrain fit|validate|test ...`` (the LightningCLI subcommands); exit code 0, or a ``SystemExit``: 2 for a
     user's mistake, 3 for a run stopped to be requeued."""
+    try:
+        check_class_paths(sys.argv[1:] if args is None else list(args))
+    except UsageError as error:
+        fail(str(error))
     quiet_lightning_noise()
     AdvtrainCLI(args=args)
     leave_process_group()

@@ -107,7 +107,8 @@ class Slurm:
         gpus, nodes = a.gpus or 0, a.nodes or 1
         params = {"job_name": f"advtrain-{self.table_dir.name}", "time": a.time or 24 * 60, "nodes": nodes,
                   "ntasks_per_node": max(1, gpus), "stderr_to_stdout": True,
-                  # Lightning's side of the job owns the requeue (callbacks.Requeue on SIGUSR1): submitit's handler
+                  # Lightning's side of the job owns the requeue (advtrain.callbacks.Requeue on SIGUSR1): submitit's
+                  # handler
                   # listens to SIGUSR2, which this script never asks for
                   "additional_parameters": {"signal": "USR1@90", "requeue": True,
                                             **dict(item.split("=", 1) for item in a.sbatch or [])}}

@@ -71,6 +71,28 @@ def class_hint(message: str) -> str:
     return "; ".join(dict.fromkeys(hints))
 
 
+OLD_PACKAGES = ("attacks", "networks", "defenses", "datamodules", "callbacks", "evaluation")
+_OLD_CLASS_PATH = re.compile(r"(?<![\w.])((?:" + "|".join(OLD_PACKAGES) + r")\.[A-Z]\w*)")
+
+
+def check_class_paths(args: list[str]) -> None:
+    """Refuse the class paths of before the advtrain namespace (``defenses.PGDAT`` is ``advtrain.defenses.PGDAT``),
+    in the command line and in the config files it names. Run from the repository's folder, the old path would
+    import the folder a second time as another package, whose classes are not advtrain's."""
+    sources = [("the command line", " ".join(map(str, args)))]
+    for flag, value in zip(args, args[1:]):
+        if flag in ("-c", "--config") and Path(str(value)).is_file():
+            sources.append((str(value), Path(str(value)).read_text()))
+    for where, text in sources:
+        for line in text.splitlines():
+            line = line.split("#", 1)[0]
+            found = _OLD_CLASS_PATH.search(line)
+            if found:
+                old = found.group(1)
+                raise UsageError(f"class path {old} (in {where}) is now advtrain.{old}: the package's classes "
+                                 "live under the advtrain namespace")
+
+
 def remove_failed_run(run_dir: Path | None, existed_before: bool) -> bool:
     """Remove ``run_dir`` when this invocation created it and it holds nothing a user would want (no checkpoint,
     no results: only TensorBoard events and configs). Returns whether it was removed."""

@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     try:
         rows = collect(args.paths, split=args.split, latest=args.latest)
         if args.lrc_plot or args.tensorboard:
-            from evaluation.figures import write_lrc_figure
+            from advtrain.evaluation.figures import write_lrc_figure
 
             try:
                 write_lrc_figure(rows, args.lrc_plot, args.tensorboard)

@@ -14,7 +14,7 @@ Rerunning a sweep skips the finished cells, leaves alone the ones still queued o
 interrupted ones from their newest checkpoint and reruns the failed ones; it says which for each cell. A failed
 cell is reported with its config, seed and log, and stops no other cell.
 
-Requeue on SLURM belongs to Lightning's side of the job (``callbacks.Requeue``): the script asks SLURM for
+Requeue on SLURM belongs to Lightning's side of the job (``advtrain.callbacks.Requeue``): the script asks SLURM for
 ``--signal=USR1@90`` and ``--requeue``, and submitit's own handler (SIGUSR2) is never signalled.
 """
 

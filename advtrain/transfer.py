@@ -20,9 +20,9 @@ import torch
 import yaml
 from torch import nn
 
-from attacks import AttackSetting
-from evaluation import craft as craft_batch
-from evaluation import is_randomized, load_network, model_hash
+from advtrain.attacks import AttackSetting
+from advtrain.evaluation import craft as craft_batch
+from advtrain.evaluation import is_randomized, load_network, model_hash
 
 
 def short_names(checkpoints: list[str]) -> list[str]:

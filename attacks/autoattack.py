@@ -35,7 +35,7 @@ Deviations from the official protocol, and how the components are driven:
 * The model's mode is the caller's. Components are driven through ``forward`` (standard) or
   ``attack_single_run`` (rand, below), never through ``Attack.__call__`` and its eval switch
   (``__call__`` adds nothing else here: no normalization is registered). Put a deterministic
-  model in eval mode first (:func:`attacks.mode.attack_mode`); keep a randomized model's
+  model in eval mode first (:func:`advtrain.attacks.mode.attack_mode`); keep a randomized model's
   randomness on for ``rand``. Every submodule's flag is restored anyway.
 * Between stages of ``rand`` a point is not judged by one forward pass (the official code does
   use one, ``run_standard_evaluation``): it counts as robust while at least half of ``check_draws``

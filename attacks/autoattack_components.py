@@ -1,4 +1,4 @@
-"""Driving torchattacks 3.5.1's APGD, APGDT, FAB and Square for :mod:`attacks.autoattack`: the components
+"""Driving torchattacks 3.5.1's APGD, APGDT, FAB and Square for :mod:`advtrain.attacks.autoattack`: the components
 of each version with the official settings, APGD on every point of a randomized model, the state that
 torchattacks changes and that is restored, and the checks the protocol runs with them."""
 

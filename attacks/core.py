@@ -6,7 +6,7 @@ no Python branch on a tensor value, and gradients are taken with respect to the 
 (``torch.autograd.grad``), which skips every weight gradient (about 30% cheaper than
 ``loss.backward()`` and it leaves ``.grad`` of the parameters untouched, which DDP relies on).
 
-The caller decides the model's mode (see :func:`attacks.mode.attack_mode`).
+The caller decides the model's mode (see :func:`advtrain.attacks.mode.attack_mode`).
 """
 
 from __future__ import annotations

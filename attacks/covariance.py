@@ -1,5 +1,5 @@
 """Representations of the covariance Sigma of adversarial perturbations, for structured gradient regularization
-(SGR: Roth, Kilcher, Hofmann 2018, arXiv 1805.08736, eqs. 11-16; see ../shared/METHODS.md, section SGR).
+(SGR: Roth, Kilcher, Hofmann 2018, arXiv 1805.08736, eqs. 11-16; see docs/methods.md, section SGR).
 
 Pure tensor code. Each representation has ``matvec(g)`` (Sigma g_i for each example of g (B, *input_shape)),
 ``mean`` (the running mean perturbation, input shape), ``mean_diagonal()``, ``to_dense()``,
@@ -14,7 +14,7 @@ of eq. 15, split so that DDP ranks can sum the statistics in between), ``update(
   Sigma g by FFT or convolution, never a d x d matrix;
 * :class:`IdentityCovariance`: Sigma = s I (gradient-norm regularization, GN), fixed.
 
-:class:`callbacks.CovarianceTracker` keeps one of them up to date during training and hands it to the defense.
+:class:`advtrain.callbacks.CovarianceTracker` keeps one of them up to date during training and hands it to the defense.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def make_covariance(representation: str, shape: tuple[int, ...], **kwargs) -> Co
 
 def load_covariance(path: str | os.PathLike, representation: str, shape: tuple[int, ...], **kwargs) -> Covariance:
     """A fixed Sigma from a torch file holding a (d, d) covariance over the flattened input, the format
-    ``advtrain covariance`` and :func:`attacks.covariance_of` write (e.g. the data set's own covariance).
+    ``advtrain covariance`` and :func:`advtrain.attacks.covariance_of` write (e.g. the data set's own covariance).
     ``stationary`` keeps its closest stationary covariance (:meth:`StationaryCovariance.from_dense`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):

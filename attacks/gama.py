@@ -12,7 +12,7 @@ Source of every detail: the authors' code, val-iisc/GAMA-GAT, ``GAMA/GAMA_PGD.py
 ``GAMA/GAMA_FW.py`` (read for this module; no code copied). What it does, and what this module does:
 
 * Start: a Bernoulli perturbation of exactly +-eps per coordinate (official: ``eps * sign(U)``).
-  Here the start is also clamped to ``bounds`` (as every start in :mod:`attacks.core`), so the model
+  Here the start is also clamped to ``bounds`` (as every start in :mod:`advtrain.attacks.core`), so the model
   never sees an input outside the box; the official code evaluates the unclamped ``x + noise`` in the
   first iteration and for p(x0). The two agree wherever x is at least eps inside the box.
 * p(x0) is the prediction at that random start point, not at the clean input (official code; the
@@ -32,7 +32,7 @@ Source of every detail: the authors' code, val-iisc/GAMA-GAT, ``GAMA/GAMA_PGD.py
   rounding, the ball).
 * The returned point is the LAST iterate of each run, not the best one seen: the official code keeps
   no best iterate. Over ``restarts`` each example keeps its worst case exactly as
-  :func:`attacks.core.projected_gradient` does: misclassified beats correct, then the larger logit
+  :func:`advtrain.attacks.core.projected_gradient` does: misclassified beats correct, then the larger logit
   margin max_{j != y} z_j - z_y wins (the official evaluation counts an example robust only if every
   restart fails, which this reproduces).
 * The official code divides the loss by the batch size and scales the step by the box width per
@@ -42,7 +42,7 @@ Source of every detail: the authors' code, val-iisc/GAMA-GAT, ``GAMA/GAMA_PGD.py
 The loop follows the package's rules: input-only gradients (``torch.autograd.grad``), no ``.item()``
 or branch on a tensor value (the schedules are Python floats fixed before the loop), iterates kept in
 float32 when the model runs under bf16 autocast (the loss is taken on float32 softmax outputs), all
-randomness from ``generator``. The caller sets the model's mode (:func:`attacks.mode.attack_mode`).
+randomness from ``generator``. The caller sets the model's mode (:func:`advtrain.attacks.mode.attack_mode`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What an attack reports besides accuracy: perturbation sizes of minimal-perturbation attacks.
 
 Each metric is a per-example function of the clean and the adversarial batch, and a reduction over the
-evaluated set. The attack table (``attacks.registry``) names the metrics an attack reports; the evaluation
+evaluated set. The attack table (``advtrain.attacks.registry``) names the metrics an attack reports; the evaluation
 computes and reduces them without knowing which attack produced the examples.
 """
 

@@ -2,7 +2,7 @@
 
 Neither uses a gradient. Each draws ``samples`` perturbed copies of every example, clamps each to
 ``bounds``, and keeps per example the worst one: a misclassified copy beats a correct one, then the higher
-cross-entropy wins (:func:`attacks.core.worst_of_restarts`, one no-grad forward per draw). So an example
+cross-entropy wins (:func:`advtrain.attacks.core.worst_of_restarts`, one no-grad forward per draw). So an example
 counts as robust only if every draw is classified correctly. Draws are taken one after another from
 ``generator``.
 """
@@ -26,7 +26,7 @@ _CACHE_SIZE = 8  # a zeta sweep on one data set fits; a 4096-position factor is 
 
 
 def _check(x: Tensor, y: Tensor) -> None:
-    # not attacks.core.check_inputs: no gradient is needed, so inference mode is fine here
+    # not advtrain.attacks.core.check_inputs: no gradient is needed, so inference mode is fine here
     if not x.is_floating_point():
         raise TypeError(f"attacks take floating-point inputs in their natural range, got {x.dtype}")
     if x.shape[0] != y.shape[0]:
@@ -127,7 +127,7 @@ def covariance_of(x: Tensor) -> Tensor:
 def _file_factor(path: str, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lrc: covariance file {path!r} not found (write one with "
-                                f"torch.save(attacks.noise.covariance_of(x), path))")
+                                f"torch.save(advtrain.attacks.noise.covariance_of(x), path))")
     stat = os.stat(path)
 
     def build() -> Tensor:

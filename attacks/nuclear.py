@@ -11,10 +11,10 @@ eps step on plain CE; in NuAT2-WA the first step is measured on a (fast) weight-
 Host syncs: the one documented exception. The nuclear norm is a sum of singular values, and an SVD on CUDA
 makes the host wait for the device (``torch.linalg`` reads the solver's error code back to the host so that it
 can raise; there is no ``svd_ex`` that skips the check). This is the only host-device sync allowed in a training
-step (DESIGN.md, "Performance principles"): one per :func:`nuclear_norm` call, whatever the batch size, so a NuAT
+step (docs/design.md, "Performance principles"): one per :func:`nuclear_norm` call, whatever the batch size, so a NuAT
 training step pays one in its loss and one more in its attack on the batches that use the nuclear term. Its
 backward (through the singular values only) is plain matrix products and never syncs. Everything else here keeps
-to the rules of :mod:`attacks.core`. ``tests/test_gpu.py`` runs NuAT's step under
+to the rules of :mod:`advtrain.attacks.core`. ``tests/test_gpu.py`` runs NuAT's step under
 ``torch.cuda.set_sync_debug_mode("error")`` with only the SVD exempted; ``tests/test_host_syncs.py`` counts
 value reads on CPU outside it.
 """
@@ -66,7 +66,7 @@ def nuclear_norm_step(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, 
 
     Host syncs: with ``use_nuclear`` the step computes one :func:`nuclear_norm`, an SVD that syncs on CUDA (the
     documented exception); without it the step never syncs. The start, gradient, step and projection stay on
-    the device (:func:`attacks.core.projected_gradient`).
+    the device (:func:`advtrain.attacks.core.projected_gradient`).
     """
     eps = parse_budget(eps)
     loss = nuclear_loss(clean_logits, lam) if use_nuclear else cross_entropy

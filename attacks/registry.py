@@ -2,13 +2,13 @@
 
 A row names the attack's function and says what it takes: a budget (eps) or none (DeepFool finds the smallest
 perturbation), iterations and a step size (with their defaults), restarts, EOT, the norms it supports, its own
-parameters with their defaults, and the metrics it reports besides accuracy. ``attacks.setting.AttackSetting``
+parameters with their defaults, and the metrics it reports besides accuracy. ``advtrain.attacks.setting.AttackSetting``
 reads a config entry against its row (a wrong parameter fails when the config is read, naming the attack and
 what it takes) and calls the function with exactly the keywords the row declares. Adding an attack is one
 function in this package and one row here; the evaluation code does not change.
 
 Every function is called as ``fn(model, x, y, [eps,] *, bounds=..., generator=..., <declared keywords>)`` and
-returns ``x_adv``; the caller sets the model's mode (:func:`attacks.mode.attack_mode`).
+returns ``x_adv``; the caller sets the model's mode (:func:`advtrain.attacks.mode.attack_mode`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class AttackSpec:
         variants: named versions (``version``), the default first (AutoAttack: standard, rand).
         params: the attack's own parameters.
         label_params: parameters always shown in the setting's name (others only when not at their default).
-        metrics: reported besides accuracy (:data:`attacks.metrics.METRICS`).
+        metrics: reported besides accuracy (:data:`advtrain.attacks.metrics.METRICS`).
         keywords: the function's name for a setting field when it differs (GAMA-FW calls its step ``gamma``).
         fixed: why ``steps``/``step`` cannot be set, for the error message.
         records: extra fields for the results file.
@@ -124,7 +124,7 @@ class AttackSpec:
 def _autoattack_in_suite(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
                          version: str = "standard", bounds: tuple[float, float] = (0.0, 1.0),
                          generator: torch.Generator | None = None) -> Tensor:
-    """:func:`attacks.autoattack.autoattack` as the table calls attacks: the number of classes from one forward
+    """:func:`advtrain.attacks.autoattack.autoattack` as the table calls attacks: the number of classes from one forward
     pass, the seed drawn from ``generator`` (0 without one), [0, 1] inputs only."""
     if tuple(bounds) != (0.0, 1.0):
         raise ValueError(f"autoattack (torchattacks' components) clamps inputs to [0, 1]; this data lives "

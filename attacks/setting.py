@@ -2,7 +2,7 @@
 
 ``AttackSetting`` is what configs write, e.g. ``{attack: pgd, eps: [2/255, 8/255], steps: 20}`` or
 ``{attack: lrc, eps: 0.1, zeta: 8, samples: 100}`` or ``{attack: deepfool}``. It checks itself against the
-attack's row in :data:`attacks.registry.ATTACKS` when built, so a typo or an impossible budget fails when the
+attack's row in :data:`advtrain.attacks.registry.ATTACKS` when built, so a typo or an impossible budget fails when the
 config is read, not hours into a run.
 """
 
@@ -30,7 +30,7 @@ class AttackSetting:
     """One attack configuration.
 
     Args:
-        attack: a name in :data:`attacks.registry.ATTACKS` (``fgsm``, ``fgsm_rs``, ``rfgsm``, ``bim``, ``pgd``,
+        attack: a name in :data:`advtrain.attacks.registry.ATTACKS` (``fgsm``, ``fgsm_rs``, ``rfgsm``, ``bim``, ``pgd``,
             ``pgd_targeted``, ``mim``, ``gama_pgd``, ``gama_fw``, ``autoattack``, ``deepfool``, ``uniform_noise``,
             ``lrc``).
         eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into one setting
@@ -48,7 +48,7 @@ class AttackSetting:
         omniscient: craft the examples on the network with its randomness off (Tucker theta = 1, the full
             weights), then test them on the randomized network (defensive tensorization, Table 3). The
             evaluation applies it.
-        surrogate: a backward surrogate the attacker uses while crafting (BPDA, :mod:`attacks.surrogates`), by
+        surrogate: a backward surrogate the attacker uses while crafting (BPDA, :mod:`advtrain.attacks.surrogates`), by
             name, on every module that declares it: ``ste``, ``tanh``, ``tanh0.75`` for the sign of binary (XNOR)
             layers (Table 4), ``identity`` or ``oblivious`` for feature squeezing. Applied by the evaluation.
         bpda: craft with each non-differentiable module's own BPDA surrogate (Athalye et al. 2018).

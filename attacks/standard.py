@@ -1,4 +1,4 @@
-"""The standard first-order attacks, each a thin layer over :func:`attacks.core.projected_gradient`."""
+"""The standard first-order attacks, each a thin layer over :func:`advtrain.attacks.core.projected_gradient`."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def rfgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, alpha: fl
         x_adv = clip(x' + (eps - alpha) * sign(grad_x' L(x', y)))   (inside the eps-ball around x)
 
     alpha defaults to eps / 2 and must lie in [0, eps]. The random step is the ``bernoulli`` start of
-    :func:`attacks.core.projected_gradient` (+-alpha per coordinate with equal probability: the law of
+    :func:`advtrain.attacks.core.projected_gradient` (+-alpha per coordinate with equal probability: the law of
     alpha * sign(N(0, I))), drawn from ``generator``. This is neither FGSM-RS (:func:`fgsm_rs`, Wong et al.
     2020: uniform start, one 1.25 eps step) nor torchattacks' ``RFGSM`` (a multi-step attack).
     """

@@ -20,7 +20,8 @@ An attack setting then writes ``surrogate: identity`` (that exact surrogate, on 
 ``bpda: true`` (each module's own ``BPDA``); the evaluation applies it with :func:`use_surrogate` /
 :func:`use_bpda` while crafting, and evaluates the examples on the module's own behaviour.
 
-This module knows no network: networks register their classes here (``networks.binary``, ``networks.squeeze``).
+This module knows no network: networks register their classes here (``advtrain.networks.binary``,
+``advtrain.networks.squeeze``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,6 @@ def use_bpda(model: nn.Module) -> Iterator[nn.Module]:
     modules = [m for m in surrogate_modules(model) if getattr(type(m), "BPDA", None) is not None]
     if not modules:
         raise ValueError(f"bpda: no module of {type(model).__name__} declares a BPDA surrogate (a "
-                         "non-differentiable layer such as networks.FeatureSqueezing or an XNOR layer)")
+                         "non-differentiable layer such as advtrain.networks.FeatureSqueezing or an XNOR layer)")
     with _set_surrogates([(m, type(m).BPDA) for m in modules]):
         yield model

@@ -17,7 +17,8 @@ supplementary's Tables 3-4 report untargeted and multiple-targeted beside PGD.
 
 Whatever the target, the runs are ranked against the TRUE label y (a robust accuracy is measured as
 prediction == y): a result misclassified w.r.t. y beats a correct one, then the larger margin
-max_{j != y} f_j - f_y wins (:func:`attacks.core.worst_of_restarts` with :func:`attacks.losses.margin`).
+max_{j != y} f_j - f_y wins (:func:`advtrain.attacks.core.worst_of_restarts` with
+:func:`advtrain.attacks.losses.margin`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def pgd_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, st
                  steps: int = 10, norm: str = "linf", target: str = "random", restarts: int = 1, eot: int = 1,
                  bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
     """Targeted PGD (``target="random"``) or multi-targeted PGD (``target="all"``, ADR); see the module
-    docstring. Step defaults to 2.5 eps / steps, as :func:`attacks.standard.pgd`. ``target="all"`` costs
+    docstring. Step defaults to 2.5 eps / steps, as :func:`advtrain.attacks.standard.pgd`. ``target="all"`` costs
     K - 1 times a targeted run (K classes); ``eot`` averages each gradient over draws of a randomized model.
     """
     eps = parse_budget(eps)
@@ -55,7 +56,7 @@ def pgd_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, st
 def bim_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str = 1 / 255,
                  steps: int | None = None, target: str = "random", eot: int = 1,
                  bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
-    """Targeted BIM: :func:`attacks.standard.bim` (no random start, so no restarts) toward the target(s) of
+    """Targeted BIM: :func:`advtrain.attacks.standard.bim` (no random start, so no restarts) toward the target(s) of
     ``target``; defaults as bim (step 1/255, Kurakin's iteration count). With ``target="all"`` it is
     deterministic; ``generator`` only draws the random target."""
     eps = parse_budget(eps)
@@ -67,7 +68,7 @@ def bim_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, st
 def mim_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str | None = None,
                  steps: int = 10, decay: float = 1.0, target: str = "random", eot: int = 1,
                  bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
-    """Targeted MIM: :func:`attacks.standard.mim` (momentum ``decay`` on the L1-normalized gradient, no random
+    """Targeted MIM: :func:`advtrain.attacks.standard.mim` (momentum ``decay`` on the L1-normalized gradient, no random
     start) toward the target(s) of ``target``; each target's run starts with zero momentum. Step defaults to
     eps / steps, as mim."""
     eps = parse_budget(eps)

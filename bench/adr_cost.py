@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from advtrain.defenses import ADR, PGDAT  # noqa: E402
+from advtrain.networks import CarliniCNN  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
-from defenses import ADR, PGDAT  # noqa: E402
-from networks import CarliniCNN  # noqa: E402
 
 
 def sync(device):

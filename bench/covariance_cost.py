@@ -1,6 +1,7 @@
 """Cost of the covariance tracker's update relative to a clean training step, and of Sigma g by FFT or convolution.
 
-CIFAR-10 shape (3 x 32 x 32), batch 128, the Carlini & Wagner CNN (``networks.CarliniCNN("cifar")``, SGR's network)
+CIFAR-10 shape (3 x 32 x 32), batch 128, the Carlini & Wagner CNN (``advtrain.networks.CarliniCNN("cifar")``, SGR's
+network)
 with Adam. A clean step is zero_grad + cross-entropy forward + backward + optimizer step. The tracker's update is
 ``CovarianceTracker.observe(xi)``: the batch statistics (FFT autocorrelations binned by radius for ``stationary``),
 the EMA step and the rescaled copy the defense reads; the perturbations' source (PGD, gradients) is not included.
@@ -22,12 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.covariance import make_covariance  # noqa: E402
+from advtrain.attacks.covariance import make_covariance  # noqa: E402
+from advtrain.callbacks import CovarianceTracker  # noqa: E402
+from advtrain.defenses import Standard  # noqa: E402
+from advtrain.networks import CIFAR10_MEAN, CIFAR10_STD, CarliniCNN  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
 from bench.step_cost import timed  # noqa: E402
-from callbacks import CovarianceTracker  # noqa: E402
-from defenses import Standard  # noqa: E402
-from networks import CIFAR10_MEAN, CIFAR10_STD, CarliniCNN  # noqa: E402
 
 SHAPE = (3, 32, 32)
 

@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.deepfool import deepfool_iterations  # noqa: E402
+from advtrain.attacks.deepfool import deepfool_iterations  # noqa: E402
+from advtrain.networks import ResNet18  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
 from bench.step_cost import timed  # noqa: E402
-from networks import ResNet18  # noqa: E402
 
 
 def main(argv=None):

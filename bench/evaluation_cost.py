@@ -32,10 +32,10 @@ def worker(repo: str, threads: int) -> None:
     import pytorch_lightning as pl
     import torch
 
-    from callbacks import RobustnessEvaluation
-    from datamodules import Digits
-    from defenses import Standard
-    from networks import DigitsCNN
+    from advtrain.callbacks import RobustnessEvaluation
+    from advtrain.datamodules import Digits
+    from advtrain.defenses import Standard
+    from advtrain.networks import DigitsCNN
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -224,7 +224,8 @@ def adr_cost_text(result: dict) -> str:
 def sgr_cost_text(result: dict) -> str:
     return paragraph(
         "`bench/sgr_cost.py` times GN and SGR steps (C&W CIFAR CNN, Adam) against a clean step, by default in the "
-        "process's CPU time on one thread, with `callbacks.CovarianceTracker` driven as in training (its update in "
+        "process's CPU time on one thread, with `advtrain.callbacks.CovarianceTracker` driven as in training (its "
+        "update in "
         "`on_train_batch_end`). Theory: GN adds an input-only backward that keeps its graph and a backward through "
         "it, about 2 times a clean step; the tracker's `gradient` source crafts the paper's predicted-label gradient "
         "(a forward and an input-only backward more, about 1.1 clean steps measured), which `update_every` amortizes "

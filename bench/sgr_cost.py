@@ -1,15 +1,15 @@
 """Cost of an SGR / GN training step relative to a clean step (issue 10's budget: GN <= 3.0x, SGR with the stationary
 covariance <= 3.5x including the tracker's update).
 
-The SGR paper's setting at CIFAR-10 shape: ``networks.CarliniCNN("cifar")`` (dropout 0.5, no BatchNorm), Adam,
+The SGR paper's setting at CIFAR-10 shape: ``advtrain.networks.CarliniCNN("cifar")`` (dropout 0.5, no BatchNorm), Adam,
 batch 128 by default. Each step is zero_grad + the defense's loss + backward + Adam step, timed as the median of
 ``--repeats`` interleaved rounds after a warm-up, by default in CPU time of the process on one thread (other
 processes on a shared machine then change little). Rows:
 
-* ``clean``: ``defenses.Standard``;
-* ``gn``: ``defenses.GN`` (Sigma = I): one forward, an input-only backward with ``create_graph``, one backward
+* ``clean``: ``advtrain.defenses.Standard``;
+* ``gn``: ``advtrain.defenses.GN`` (Sigma = I): one forward, an input-only backward with ``create_graph``, one backward
   through both graphs;
-* ``sgr_stationary``: ``defenses.SGR`` with ``callbacks.CovarianceTracker(representation="stationary",
+* ``sgr_stationary``: ``advtrain.defenses.SGR`` with ``advtrain.callbacks.CovarianceTracker(representation="stationary",
   source="gradient", update_every=1)`` driven step by step as Lightning does (``on_train_batch_end`` after the
   optimizer step, with a stub trainer): the tracker's own input gradient at the predicted label (one no-grad
   forward for the prediction, one forward and input-only backward), the EMA update of eq. 15 and the rescaling
@@ -52,10 +52,10 @@ from pytorch_lightning.plugins.precision import Precision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from advtrain.callbacks import CovarianceTracker  # noqa: E402
+from advtrain.defenses import GN, SGR, Standard  # noqa: E402
+from advtrain.networks import CarliniCNN  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
-from callbacks import CovarianceTracker  # noqa: E402
-from defenses import GN, SGR, Standard  # noqa: E402
-from networks import CarliniCNN  # noqa: E402
 
 SHAPE = (3, 32, 32)
 # row -> (representation, source, how the step updates Sigma: "callback" = on_train_batch_end as in training,

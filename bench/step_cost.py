@@ -36,10 +36,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks import attack_mode, pgd  # noqa: E402
+from advtrain.attacks import attack_mode, pgd  # noqa: E402
+from advtrain.defenses import PGDAT, TRADES, NuAT, Standard  # noqa: E402
+from advtrain.networks import ResNet18  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
-from defenses import PGDAT, TRADES, NuAT, Standard  # noqa: E402
-from networks import ResNet18  # noqa: E402
 
 NUAT_CONFIGS = {"nuat": "configs/cifar10/nuat.yaml", "nuat2": "configs/cifar10/nuat2_wrn.yaml"}
 NUAT_KEYS = ("eps", "start_scale", "lambda_max", "attack_steps", "nuclear_every")

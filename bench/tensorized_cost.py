@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from advtrain.networks import ResNet18, keep_probability, tensorize  # noqa: E402
+from advtrain.networks.tucker import tucker_layers  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
 from bench.step_cost import timed  # noqa: E402
-from networks import ResNet18, keep_probability, tensorize  # noqa: E402
-from networks.tucker import tucker_layers  # noqa: E402
 
 STEPS = ("plain", "tensorized", "tensorized_theta1")  # forward+backward, timed at every batch size
 

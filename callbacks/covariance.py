@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks import attack_mode, fgsm, parse_budget, pgd
-from attacks.covariance import REPRESENTATIONS, Covariance, load_covariance, make_covariance
+from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd
+from advtrain.attacks.covariance import REPRESENTATIONS, Covariance, load_covariance, make_covariance
 
 from .covariance_logging import data_mean_variance, input_shape_of, log_covariance
 
@@ -26,7 +26,7 @@ class CovarianceTracker(pl.Callback):
 
     When each hook runs:
 
-    * ``setup("fit")``: builds the estimate over the datamodule's input shape (``attacks.covariance``: ``full``
+    * ``setup("fit")``: builds the estimate over the datamodule's input shape (``advtrain.attacks.covariance``: ``full``
       d x d matrix, or ``stationary`` covariance functions, eq. 16) and sets ``pl_module.covariance`` to the
       scaled Sigma, which is never None from then on. Before the first update Sigma is the identity scaled to the
       target mean diagonal, so SGR starts as GN (our choice: the paper does not say how Sigma starts); the first
@@ -47,7 +47,7 @@ class CovarianceTracker(pl.Callback):
     predicted label, no label leaking): ``gradient`` / ``sign``: the input gradient of CE at the predicted label
     (or its sign), per example (the gradient of the summed loss in eval mode, so BatchNorm mixes no examples);
     ``fgsm`` / ``pgd``: x_adv - x of FGSM / PGD (``steps``, ``step``) at budget ``eps`` (default: the module's eps)
-    on the predicted label; all crafted with :func:`attacks.attack_mode` (eval mode, modes restored) under the
+    on the predicted label; all crafted with :func:`advtrain.attacks.attack_mode` (eval mode, modes restored) under the
     trainer's precision. PGD's random start draws from a private generator seeded by (step, rank), so the tracker
     never moves the training's global RNG. SGR's own ``outputs["input_gradient"]`` is not reused: it is taken at the
     true label, before the optimizer step, in train mode. ``defense``: the perturbation the defense made this step.
@@ -173,7 +173,7 @@ class CovarianceTracker(pl.Callback):
         """This step's xi from the configured source (see the class docstring)."""
         outputs = outputs if isinstance(outputs, dict) else {}
         reused = {"defense": ("perturbation", "made no adversarial examples this step"),
-                  "step_gradient": ("input_gradient", "returns no input gradient (as defenses.SGR does)")}
+                  "step_gradient": ("input_gradient", "returns no input gradient (as advtrain.defenses.SGR does)")}
         if self.source in reused:  # what the training step computed: nothing to craft
             key, missing = reused[self.source]
             if key not in outputs:

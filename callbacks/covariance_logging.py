@@ -1,4 +1,4 @@
-"""What :class:`callbacks.CovarianceTracker` reads from the data and writes to the loggers.
+"""What :class:`advtrain.callbacks.CovarianceTracker` reads from the data and writes to the loggers.
 
 * :func:`input_shape_of` and :func:`data_mean_variance`: the input shape and the training data's mean per-pixel
   variance (the target of SGR's arXiv scaling), from the datamodule.
@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from attacks.covariance import Covariance, FullCovariance, decay_lengths
+from advtrain.attacks.covariance import Covariance, FullCovariance, decay_lengths
 
 MAX_IMAGE_SIDE = 1024  # a full CIFAR Sigma (3072 x 3072) is average-pooled to this side for the image
 

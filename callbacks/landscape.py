@@ -1,4 +1,4 @@
-"""Loss landscape: the loss on a 2-D grid around test points, as contour plots (METHODS.md, defensive
+"""Loss landscape: the loss on a 2-D grid around test points, as contour plots (docs/methods.md, defensive
 tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5]), and,
 optionally, the loss with respect to the latent z around an adversarial example (ADR supplementary, Figs. 1-2).
 
@@ -17,9 +17,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from attacks import attack_mode
-from evaluation import craft, is_randomized
-from evaluation.landscape import (
+from advtrain.attacks import attack_mode
+from advtrain.evaluation import craft, is_randomized
+from advtrain.evaluation.landscape import (
     AXIS_LABELS,
     NORMS,
     LatentHead,
@@ -29,7 +29,7 @@ from evaluation.landscape import (
     loss_surface,
     plot_surface,
 )
-from networks.tucker import is_tensorized, keep_probability
+from advtrain.networks.tucker import is_tensorized, keep_probability
 
 __all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
 

@@ -15,10 +15,18 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import default_collate
 
-from attacks import ATTACKS, AttackSetting, attack_mode
-from evaluation import craft, is_randomized
-from evaluation.landscape import _mix, _seeded, attack_setting
-from evaluation.latent_tsne import ADVERSARIAL, CLEAN, embed, latents, plot_embedding, prediction_entropy, select_points
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode
+from advtrain.evaluation import craft, is_randomized
+from advtrain.evaluation.landscape import _mix, _seeded, attack_setting
+from advtrain.evaluation.latent_tsne import (
+    ADVERSARIAL,
+    CLEAN,
+    embed,
+    latents,
+    plot_embedding,
+    prediction_entropy,
+    select_points,
+)
 
 __all__ = ["LatentTSNE"]
 
@@ -38,8 +46,8 @@ class LatentTSNE(pl.Callback):
 
     What it computes: the ``num_points`` examples of the datamodule's ``split`` chosen by a permutation seeded
     with ``seed`` (preprocessed as for evaluation, like ``LossLandscape``), their adversarial examples under
-    ``attack`` (an :class:`attacks.AttackSetting`; default PGD at the module's ``eps``; crafted in eval mode by
-    :func:`evaluation.craft`, random starts seeded by (``seed``, batch)), z of both from
+    ``attack`` (an :class:`advtrain.attacks.AttackSetting`; default PGD at the module's ``eps``; crafted in eval mode by
+    :func:`advtrain.evaluation.craft`, random starts seeded by (``seed``, batch)), z of both from
     ``network.forward_with_latent`` and their predictions, and a two-dimensional t-SNE (scikit-learn, seeded)
     of the 2 ``num_points`` latents together. An attack *succeeded* when the network misclassifies the
     adversarial example (the supplementary's "positive adversarial example which successfully fools a defense").

@@ -83,7 +83,7 @@ class Requeue(Checkpoint):
       then every process exits with code 3. After SIGTERM Lightning stops the process itself (a preempted job is
       requeued by SLURM, a cancelled one is not).
     * The robustness evaluation (``advtrain test``) stops between two attacked batches the same way; its finished
-      batches are on disk (``callbacks.RobustnessEvaluation``).
+      batches are on disk (``advtrain.callbacks.RobustnessEvaluation``).
     * ``on_fit_end``: a finished training has no use for ``hpc.ckpt`` (``last.ckpt`` is further): it is removed.
 
     The requeued command finds its run again (``advtrain/runs.py``) and resumes from the newer of ``hpc.ckpt`` and

@@ -14,8 +14,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
-from attacks import AttackSetting, attack_mode
-from evaluation import (
+from advtrain.attacks import AttackSetting, attack_mode
+from advtrain.evaluation import (
     LARGE_EPS,
     BatchCache,
     Tally,
@@ -33,8 +33,8 @@ from evaluation import (
     with_version,
     write_results,
 )
-from evaluation.engine import metric_keys
-from networks.tucker import is_tensorized
+from advtrain.evaluation.engine import metric_keys
+from advtrain.networks.tucker import is_tensorized
 
 from .requeue import Requeue, stop_requested
 
@@ -74,7 +74,7 @@ class RobustnessEvaluation(pl.Callback):
     loads those and attacks only the missing batches. The folder is removed once the results are written.
 
     Sanity checks (``sanity_checks``): PGD at eps 0 and at eps 0.5 are run too, and the verdicts of
-    :func:`evaluation.sanity_verdicts` go into the results and, when one fails, the log.
+    :func:`advtrain.evaluation.sanity_verdicts` go into the results and, when one fails, the log.
 
     Writes ``robustness-<checkpoint>.json`` (``robustness.json`` for a network evaluated without a checkpoint:
     every setting with its accuracy, counts, seed, model hash, the checkpoint with its epoch and step,
@@ -88,7 +88,7 @@ class RobustnessEvaluation(pl.Callback):
         attacks: the suite, e.g. ``[{attack: fgsm, eps: [2/255, 8/255]}, {attack: pgd, eps: 8/255,
             steps: 20, restarts: 5}, {attack: deepfool}, {attack: lrc, eps: 0.1, zeta: 8}]``; a list of
             budgets expands into one setting per budget. Each entry is checked against its attack's row in
-            ``attacks.ATTACKS`` when the config is read (see ``attacks.AttackSetting``).
+            ``advtrain.attacks.ATTACKS`` when the config is read (see ``advtrain.attacks.AttackSetting``).
         split: ``test`` or ``val``.
         after_fit: also evaluate when fit ends (on the final weights).
         batch_size: evaluation batch size (default: the datamodule's eval batch size).

@@ -72,7 +72,7 @@ def check_loader_args(batch_size: object, eval_batch_size: object, split_seed: o
 class SplitDataModule(ResumableTraining, pl.LightningDataModule):
     """What every advtrain datamodule shares: the loaders over ``train_set`` and ``eval_dataset(split)``,
     ``preprocess`` on the device after each transfer, and a training loader that resumes in the middle of an epoch
-    (:class:`~datamodules.resume.ResumableTraining`). Subclasses set ``train_set``, ``batch_size``,
+    (:class:`~advtrain.datamodules.resume.ResumableTraining`). Subclasses set ``train_set``, ``batch_size``,
     ``eval_batch_size``, ``num_workers``, ``pin_memory`` and ``collate_fn`` and define ``setup``,
     ``eval_dataset``, ``val_dataloader`` and ``preprocess``."""
 

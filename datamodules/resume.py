@@ -1,6 +1,7 @@
 """A training loader whose epoch can resume in the middle, exactly where an interrupted run stopped.
 
-A preempted cluster job saves its state between two training steps (``callbacks.Requeue``), usually in the middle
+A preempted cluster job saves its state between two training steps (``advtrain.callbacks.Requeue``), usually in the
+middle
 of an epoch. To continue bitwise, the resumed epoch must see the same shuffled order and start at the next batch,
 and building it must not consume the global random generator, whose state the checkpoint restored.
 

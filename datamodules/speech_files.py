@@ -1,7 +1,7 @@
 """Speech Commands v0.02 on disk (torchaudio's layout): the split lists, the word clips read with ``soundfile``,
 silence clips cut from ``_background_noise_``, and the ``.pt`` cache of built splits.
 
-:class:`datamodules.speech_commands.SpeechCommands` describes the layout, the labels and the cache.
+:class:`advtrain.datamodules.speech_commands.SpeechCommands` describes the layout, the labels and the cache.
 """
 
 from __future__ import annotations

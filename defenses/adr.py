@@ -1,7 +1,7 @@
 """ADR: adversarial training with local and global compactness of the latent space (Bui et al., ECCV 2020).
 
 The loss follows the authors' official TensorFlow code (``train_compact.py``, ``compact_loss.py`` of
-tuananhbui89/Adversarial-Divergence-Reduction; ../shared/METHODS.md "ADR"), not their PyTorch port (whose ADR
+tuananhbui89/Adversarial-Divergence-Reduction; docs/methods.md "ADR"), not their PyTorch port (whose ADR
 attack is never called). With z = g(x) the network's latent representation (``forward_with_latent``), x_a
 the PGD example and sg a stop-gradient::
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import attack_mode, parse_budget, pgd
+from advtrain.attacks import attack_mode, parse_budget, pgd
 
 from .base import AdversarialDefense, DefenseOutput
 

@@ -11,7 +11,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
 
 from .rng import gathered_rng_states, set_rng_states
 from .schedules import PerBatchLR, PiecewiseLinearLR, batches_per_epoch
@@ -56,7 +56,7 @@ class AdversarialDefense(pl.LightningModule):
         optimizer: a callable ``params -> Optimizer`` (config: ``class_path: torch.optim.SGD``);
             default SGD lr 0.1, momentum 0.9, weight decay 5e-4.
         lr_scheduler: a callable ``optimizer -> scheduler``; stepped per epoch, except schedules written in epochs
-            but stepped every batch (:class:`~defenses.schedules.PerBatchLR`: ``CyclicLRInEpochs``,
+            but stepped every batch (:class:`~advtrain.defenses.schedules.PerBatchLR`: ``CyclicLRInEpochs``,
             ``PiecewiseLinearLR``), which learn the number of batches per epoch when training starts.
         eps: the threat model's Linf budget (training attack and validation), e.g. "8/255".
         val_attack, val_steps, val_step: the validation attack (``val/acc_robust``), e.g. PGD-10, or

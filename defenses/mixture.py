@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import attack_mode, fgsm, parse_budget, pgd
+from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd
 
 from .base import AdversarialDefense, DefenseOutput
 
@@ -28,14 +28,15 @@ class MixtureAT(AdversarialDefense):
     Args:
         network: the classifier.
         lam: weight of the adversarial term, in [0, 1]; default 0.5 (Kurakin et al.'s and R+FGSM's even mix; the
-            SGR paper's value is lost, METHODS.md).
+            SGR paper's value is lost, docs/methods.md).
         attack: ``fgsm`` (one signed step of eps from x) or ``pgd`` (uniform random start, ``steps`` signed steps
             of ``step``, projection), both with the budget ``eps`` of the base class.
         steps, step: PGD's iterations and step size (default 2.5 eps / steps); unused by FGSM.
         **kwargs: the base class's arguments (optimizer, lr_scheduler, eps, validation settings).
 
     The predicted label and the adversarial examples are computed with the network in eval mode
-    (``attacks.attack_mode``: BatchNorm running statistics, no dropout), our standard for crafting; the label is
+    (``advtrain.attacks.attack_mode``: BatchNorm running statistics, no dropout), our standard for crafting; the label
+    is
     therefore the one the crafting network assigns, from one extra no-grad forward (our choice: the paper does not
     say which mode predicts). The two training forwards (clean, adversarial) are separate, in train mode.
     Logged parts: ``ce_clean``, ``ce_adv``, ``lam``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attacks import attack_mode, nuclear_norm, nuclear_norm_step, nuclear_two_step, parse_budget
+from advtrain.attacks import attack_mode, nuclear_norm, nuclear_norm_step, nuclear_two_step, parse_budget
 
 from .base import AdversarialDefense, DefenseOutput
 
@@ -32,14 +32,14 @@ class NuAT(AdversarialDefense):
     nuclear-norm attack; lambda ramps up linearly (:class:`LinearRamp`, logged as ``train/lambda``).
 
     Variants (the paper's names):
-      * NuAT: ``attack_steps=1``.  NuAT-WA: add the ``callbacks.EMA`` callback (tau 0.9998).
+      * NuAT: ``attack_steps=1``.  NuAT-WA: add the ``advtrain.callbacks.EMA`` callback (tau 0.9998).
       * NuAT2: ``attack_steps=2`` (a nuclear step then a CE step, eps each).
-      * NuAT2-WA: ``attack_steps=2, attack_on_ema=True`` with ``callbacks.EMA(attack_decay=0.99)``: the
+      * NuAT2-WA: ``attack_steps=2, attack_on_ema=True`` with ``advtrain.callbacks.EMA(attack_decay=0.99)``: the
         first step is taken on the fast EMA network (from the second epoch on).
       * NuAT-H (hybrid): ``two_step_from_epoch=N``: single-step epochs, then two-step ones from epoch N
         (``two_step_nuclear_every=1``: those use the nuclear term on every minibatch, as NuAT2).
 
-    The official scripts' learning-rate schedules are :class:`~defenses.schedules.CyclicLRInEpochs`.
+    The official scripts' learning-rate schedules are :class:`~advtrain.defenses.schedules.CyclicLRInEpochs`.
 
     Args:
         lambda_max: final lambda (4.5 for NuAT on ResNet-18, 4 for the others).
@@ -94,8 +94,8 @@ class NuAT(AdversarialDefense):
         if not self.attack_on_ema:
             return None
         if self.weight_averaging is None or self.weight_averaging.attack_decay is None:
-            raise RuntimeError("attack_on_ema needs the callbacks.EMA callback with attack_decay set "
-                               "(e.g. trainer.callbacks: [{class_path: callbacks.EMA, init_args: "
+            raise RuntimeError("attack_on_ema needs the advtrain.callbacks.EMA callback with attack_decay set "
+                               "(e.g. trainer.callbacks: [{class_path: advtrain.callbacks.EMA, init_args: "
                                "{decay: 0.9998, attack_decay: 0.99}}])")
         return self.weight_averaging.attack_network()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from attacks import attack_mode, fgsm, fgsm_rs, parse_budget, pgd
+from advtrain.attacks import attack_mode, fgsm, fgsm_rs, parse_budget, pgd
 
 from .base import AdversarialDefense, DefenseOutput
 

@@ -1,7 +1,7 @@
 """SGR: structured gradient regularization, and GN, its identity-covariance case.
 
 Roth, Kilcher and Hofmann, "Adversarially Robust Training through Structured Gradient Regularization" (arXiv
-1805.08736, 2018; equations reconstructed from the ICLR-2019 submission in ../shared/METHODS.md, section SGR). No
+1805.08736, 2018; equations reconstructed from the ICLR-2019 submission in docs/methods.md, section SGR). No
 official code exists: every implementation choice below that the paper does not state is marked "our choice".
 
 The loss (eq. 11) is
@@ -9,7 +9,8 @@ The loss (eq. 11) is
     L = E[-log p_y(x)] + lam * Omega,     Omega = 1/2 E_i[ g_i^T Sigma g_i ],     g_i = grad_x log p_{y_i}(x_i),
 
 g_i the input gradient of each example's own log-likelihood at its TRUE label, Sigma the raw second moments of
-adversarial perturbations kept by :class:`callbacks.CovarianceTracker` (``pl_module.covariance``, an object with
+adversarial perturbations kept by :class:`~advtrain.callbacks.CovarianceTracker` (``pl_module.covariance``, an object
+with
 ``matvec(g)`` and ``mean``). The uncentred variant (eq. 12) adds ``-E_i[g_i^T mu]``, mu the running mean
 perturbation. Omega is differentiated with respect to the weights by double backprop
 (``torch.autograd.grad(..., create_graph=True)``).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from networks.wrapper import temporarily_set
+from advtrain.networks.wrapper import temporarily_set
 
 from .base import AdversarialDefense, DefenseOutput
 
@@ -69,11 +70,11 @@ class SGR(AdversarialDefense):
     """Structured gradient regularization: CE + lam * 1/2 mean_i g_i^T Sigma g_i (eq. 11).
 
     Args:
-        network: the classifier (the paper's is ``networks.CarliniCNN``, trained with Adam).
-        lam: the regularization strength lambda. The paper's best values are lost (METHODS.md): our default 1.
+        network: the classifier (the paper's is ``advtrain.networks.CarliniCNN``, trained with Adam).
+        lam: the regularization strength lambda. The paper's best values are lost (docs/methods.md): our default 1.
             With Sigma scaled to the data's mean variance (the tracker's ``scale: data``, arXiv) lambda reads as a
             noise-to-signal ratio.
-        sigma: ``tracked``: Sigma is ``self.covariance``, set by :class:`callbacks.CovarianceTracker` in its setup
+        sigma: ``tracked``: Sigma is ``self.covariance``, set by :class:`~advtrain.callbacks.CovarianceTracker` in setup
             (fit refuses to start without it); ``identity``: Sigma = I, which is GN (:class:`GN`).
         uncentred: add the mean correction of eq. 12, ``-mean_i g_i^T mu`` with mu = ``self.covariance.mean``
             (also needs the tracker); the paper found it small, so it is off by default.
@@ -118,7 +119,8 @@ class SGR(AdversarialDefense):
         if self.needs_covariance and self.covariance is None:
             what = "sigma: tracked" if self.sigma == "tracked" else "uncentred: true"
             raise ValueError(f"{type(self).__name__} with {what} needs the covariance-tracking callback: add "
-                             "{class_path: callbacks.CovarianceTracker} to trainer.callbacks (or use sigma: identity)")
+                             "{class_path: advtrain.callbacks.CovarianceTracker} to trainer.callbacks (or use sigma: "
+                             "identity)")
         self._check_batchnorm(train_mode_batchnorms(self.network))
 
     def _check_batchnorm(self, batchnorms: list[_BatchNorm]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attacks import attack_mode, kl_from, parse_budget, projected_gradient
+from advtrain.attacks import attack_mode, kl_from, parse_budget, projected_gradient
 
 from .base import AdversarialDefense, DefenseOutput
 

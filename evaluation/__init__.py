@@ -1,11 +1,11 @@
 """The robustness evaluation engine: threat models (EOT, omniscient, BPDA surrogates), crafting, DDP sharding,
 the per-batch cache, statistics and sanity checks, and writers (JSON, markdown, TensorBoard scalars).
 
-Used by ``callbacks.RobustnessEvaluation`` (a thin Lightning callback over it), ``advtrain transfer``,
-``advtrain report`` and ``callbacks.LossLandscape``. It uses attacks and networks, never Lightning.
+Used by ``advtrain.callbacks.RobustnessEvaluation`` (a thin Lightning callback over it), ``advtrain transfer``,
+``advtrain report`` and ``advtrain.callbacks.LossLandscape``. It uses attacks and networks, never Lightning.
 """
 
-from attacks.mode import is_randomized
+from advtrain.attacks.mode import is_randomized
 
 from .engine import BatchCache, Run, Tally, TransferSource, evaluate_batch, fingerprint, own_batches, plan_runs
 from .sanity import LARGE_EPS, sanity_verdicts

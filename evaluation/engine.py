@@ -1,7 +1,7 @@
 """The evaluation loop's parts: which attacks run on which network, one batch attacked and scored, the per-batch
 cache that makes an interrupted evaluation resumable, DDP sharding, and the per-example totals.
 
-Nothing here knows Lightning: the callback (``callbacks.RobustnessEvaluation``) hands in batches and a
+Nothing here knows Lightning: the callback (``advtrain.callbacks.RobustnessEvaluation``) hands in batches and a
 ``reduce`` (sum across processes) and gets plain tensors back.
 """
 
@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attacks import AttackSetting
-from attacks.metrics import METRICS
+from advtrain.attacks import AttackSetting
+from advtrain.attacks.metrics import METRICS
 
 from .threat import craft
 

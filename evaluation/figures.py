@@ -5,7 +5,7 @@ appendix Fig. 4: GN against SGR).
     advtrain report runs/mnist/{gn,sgr} --latest --lrc-plot runs/mnist/lrc.png --tensorboard runs/mnist/figures
 
 The input is what ``advtrain report`` collects: (row name, results) pairs, the results being the
-``robustness*.json`` files :func:`evaluation.writers.write_results` writes. Each ``lrc`` entry of
+``robustness*.json`` files :func:`advtrain.evaluation.writers.write_results` writes. Each ``lrc`` entry of
 ``results["attacks"]`` carries its ``zeta``, ``eps`` (the per-pixel standard deviation), ``eps_label`` and
 ``accuracy`` (a fraction; for a randomized network the mean over draws). Entries drawn from a data set's
 covariance (``covariance`` set) have no decay length and are left out, as are settings with a channel
@@ -59,7 +59,7 @@ def panels(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> list[str]
         labels.update(dict.fromkeys(label for label in row if label != MEAN))
 
     def value(label: str) -> float:
-        from attacks.budget import parse_budget
+        from advtrain.attacks.budget import parse_budget
 
         return float(parse_budget(label))
 

@@ -1,9 +1,9 @@
-"""Loss landscape: the loss on a 2-D grid around one input, and its contour plot (METHODS.md, defensive
+"""Loss landscape: the loss on a 2-D grid around one input, and its contour plot (docs/methods.md, defensive
 tensorization: axes = the input-gradient direction and a random direction orthogonal to it, [-0.5, 0.5]).
 
 The surface can also be drawn with respect to the latent representation z (the ADR supplementary's Figs. 1-2,
 Bui et al. 2020): :class:`LatentHead` is the classifier part from the latent layer as a module of z, so the same
-two functions give the axes and the surface in latent space. ``callbacks.LossLandscape`` runs them on chosen
+two functions give the axes and the surface in latent space. ``advtrain.callbacks.LossLandscape`` runs them on chosen
 evaluation points and writes the figures."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import ATTACKS, AttackSetting, attack_mode
-from networks.tucker import keep_probability
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode
+from advtrain.networks.tucker import keep_probability
 
 __all__ = ["LatentHead", "attack_setting", "landscape_directions", "loss_surface", "plot_surface"]
 

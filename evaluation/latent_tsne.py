@@ -2,7 +2,7 @@
 in two dimensions by t-SNE (the ADR supplementary's Figs. 3-4, Bui et al. 2020: "T-SNE visualization of
 latent space", coloured by class and by the entropy of the prediction, adversarial examples marked).
 
-Pure tensor / numpy code; ``callbacks.LatentTSNE`` picks the points, crafts the attack and writes the files.
+Pure tensor / numpy code; ``advtrain.callbacks.LatentTSNE`` picks the points, crafts the attack and writes the files.
 z comes from ``network.forward_with_latent(x) -> (z, logits)`` (the networks' uniform latent interface)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attacks import attack_mode
+from advtrain.attacks import attack_mode
 
 from .landscape import _mix, _seeded
 
@@ -39,7 +39,7 @@ def latents(network: nn.Module, x: Tensor, draws: int = 1, seed: int | None = No
     A randomized network (one forward pass is one sample) is averaged over ``draws`` forward passes: z is the
     mean latent and the probabilities the mean softmax (the expected prediction; our choice, the supplementary
     has no randomized model). With ``seed``, draw ``k`` is one seeded random network for the whole batch and
-    the caller's RNG is left untouched (:func:`evaluation.landscape._seeded`)."""
+    the caller's RNG is left untouched (:func:`advtrain.evaluation.landscape._seeded`)."""
     if not hasattr(network, "forward_with_latent"):
         raise TypeError(f"{type(network).__name__} has no forward_with_latent(x) -> (z, logits); the latent t-SNE "
                         "needs a network of networks/ (or one implementing that method)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from attacks import ATTACKS
+from advtrain.attacks import ATTACKS
 
 LARGE_EPS = 0.5  # in [0, 1] images: any image can be turned into mid-grey, so accuracy should be ~0
 NEAR_ZERO = 0.10

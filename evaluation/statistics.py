@@ -7,7 +7,7 @@ import math
 
 from torch import Tensor
 
-from attacks.metrics import METRICS
+from advtrain.attacks.metrics import METRICS
 
 from .engine import Run, Tally, TransferSource
 from .sanity import sanity_verdicts

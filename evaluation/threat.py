@@ -1,9 +1,9 @@
 """Threat models: how the attacker crafts examples, and what the evaluation must know about the network.
 
 A setting's threat model is applied here, never inside an attack: BatchNorm and dropout in eval mode
-(:func:`attacks.attack_mode`), the network's randomness off for the omniscient attacker (Tucker theta = 1),
+(:func:`advtrain.attacks.attack_mode`), the network's randomness off for the omniscient attacker (Tucker theta = 1),
 and attack-time surrogates of non-differentiable modules (BPDA: ``surrogate: <name>`` or ``bpda: true``,
-:mod:`attacks.surrogates`). The examples are then evaluated on the network as it is.
+:mod:`advtrain.attacks.surrogates`). The examples are then evaluated on the network as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attacks import AttackSetting, attack_mode
-from attacks.surrogates import use_bpda, use_surrogate
-from networks.tucker import randomness_off
+from advtrain.attacks import AttackSetting, attack_mode
+from advtrain.attacks.surrogates import use_bpda, use_surrogate
+from advtrain.networks.tucker import randomness_off
 
 
 def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,

@@ -5,7 +5,7 @@ first layer, and exposes ``forward_features(x) -> (B, feature_dim)`` (the penult
 ``head`` (the final linear layer), with ``forward(x) == head(forward_features(x))``.
 
 Every network, and every wrapper (``Tensorized``, ``Binarized``, ``FeatureSqueezing``), also exposes its latent
-layer (``networks.latent``): ``forward_with_latent(x) -> (z, logits)`` in one forward pass (through
+layer (``advtrain.networks.latent``): ``forward_with_latent(x) -> (z, logits)`` in one forward pass (through
 ``__call__``, so ``channels_last`` and ``torch.compile`` apply), z flattened to ``(B, latent_dim)`` at the
 layer named by the ``latent_layer`` constructor option (ADR's choice by default: the flattened conv output of
 the small CNNs, the pooled penultimate representation of the ResNets), ``to_latent(x)`` and

@@ -24,7 +24,7 @@ of tanh(x) or tanh(0.75 x) (``sign_surrogate``).
 ``binarize`` keeps the first conv and the last linear layer real-valued (usual XNOR-Net practice: binarizing
 the input layer destroys too much of the signal, and the classifier's logits need real weights). The XNOR layer
 reads its inner layer's ``weight`` exactly once per forward, so the inner layer can be a randomized Tucker
-layer (``networks.tucker``): ``tensorize`` works before or after ``binarize``.
+layer (``advtrain.networks.tucker``): ``tensorize`` works before or after ``binarize``.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.surrogates import register_surrogates
+from advtrain.attacks.surrogates import register_surrogates
 
 from .tucker import TuckerConv, TuckerLayer, TuckerLinear
 from .wrapper import TransformedNetwork, temporarily_set
 
-SURROGATES = ("ste", "tanh", "tanh0.75")  # the first is training's; XNOR declares these (attacks.surrogates)
+SURROGATES = ("ste", "tanh", "tanh0.75")  # the first is training's; XNOR declares these (advtrain.attacks.surrogates)
 
 _FORWARDED = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
               "dilation", "groups")
@@ -109,7 +109,7 @@ class XNOR(nn.Module):
     BatchNorm2d for Conv2d). Conv attributes (in_channels, stride, ...) and in/out_features are forwarded to
     the inner layer, so code that reads ``head.out_features`` keeps working.
 
-    Declares its sign backwards as attack surrogates (``attacks.surrogates``): ``bpda: true`` picks the
+    Declares its sign backwards as attack surrogates (``advtrain.attacks.surrogates``): ``bpda: true`` picks the
     straight-through estimator, and a setting that chooses one is labelled ``sign'=<name>``.
     """
 
@@ -231,7 +231,7 @@ def sign_surrogate(module: nn.Module, name: str) -> Iterator[nn.Module]:
 
 
 class Binarized(TransformedNetwork):
-    """Config-friendly wrapper: ``networks.Binarized(network=..., surrogate="ste", keep_real=None)``.
+    """Config-friendly wrapper: ``advtrain.networks.Binarized(network=..., surrogate="ste", keep_real=None)``.
 
     Binarizes ``network`` (``binarize``: every conv/linear layer but the first and the last becomes XNOR) and
     keeps its ``forward_features`` / ``head`` / ``feature_dim`` and latent interface. ``keep_real`` names are

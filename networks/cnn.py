@@ -6,7 +6,7 @@ of Neural Networks", setup_mnist.py / setup_cifar.py; ADR supplementary section 
 unpadded ("valid", the Keras default in C&W's code and ``nn.Conv2d(c, w, 3)`` in ADR's official PyTorch code);
 ``padding`` makes that a choice.
 
-Latent layer (``networks.latent``): ``"conv"`` (default: the flattened conv output before the FC layers, where
+Latent layer (``advtrain.networks.latent``): ``"conv"`` (default: the flattened conv output before the FC layers, where
 the ADR supplementary, sections 2-3, puts z), ``"fc1"`` (first hidden FC after its ReLU, before dropout) or
 ``"penultimate"`` (second hidden FC after its ReLU, what ``head`` reads).
 """
@@ -89,7 +89,7 @@ class CNN4C3F(_FourConvThreeFC):
 
     CNN-4C3F(32) is the MNIST net (= ``CarliniCNN("mnist")``), CNN-4C3F(64) the CIFAR-10 net
     (= ``CarliniCNN("cifar")`` on 3 x 32 x 32). The supplementary's table literally writes four convs of
-    ``width``, which contradicts its own reference (METHODS.md, ADR): we follow C&W; ``second_width=width`` gives
+    ``width``, which contradicts its own reference (docs/methods.md, ADR): we follow C&W; ``second_width=width`` gives
     the literal reading. ``hidden`` overrides the FC width.
     """
 

@@ -2,7 +2,7 @@
 Attacks"; MadryLab/cifar10_challenge, model.py, itself from tensorflow/models' resnet), the ADR CIFAR ResNet.
 
 That file builds the wide "w28-10" network (filters 16-160-320-640) and says to use filters 16-16-32-64 for a
-non-wide version: ADR's ResNet is the non-wide one (METHODS.md, ADR section), the default here. Its structure:
+non-wide version: ADR's ResNet is the non-wide one (docs/methods.md, ADR section), the default here. Its structure:
 
 - a 3x3 stride-1 conv (no bias) from the input to filters[0];
 - three stages of ``units`` residual units (5: the file's loop ``range(1, 5)`` after the first unit),

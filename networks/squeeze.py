@@ -8,7 +8,7 @@ upper/left neighbours), the border is mirrored with the edge pixel repeated (d c
 result is the element of rank k * k // 2 in sorted order (the upper median when k * k is even).
 
 Rounding has zero derivative, so a white-box attack through the squeezer sees no gradient (gradient masking).
-The module declares the attack surrogates of ``attacks.surrogates``: ``exact`` (the real forward and backward),
+The module declares the attack surrogates of ``advtrain.attacks.surrogates``: ``exact`` (the real forward and backward),
 ``identity`` (BPDA, Athalye et al. 2018: squeezed forward, identity backward) and ``oblivious`` (an attacker who
 does not know the squeezer: forward without it; the evaluation crafts with it and evaluates with ``exact``).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attacks.surrogates import register_surrogates
+from advtrain.attacks.surrogates import register_surrogates
 
 from .tensorize import load_plain_weights
 from .wrapper import TransformedNetwork, check_latent
@@ -55,13 +55,13 @@ def median_filter(x: Tensor, size: int) -> Tensor:
 
 @register_surrogates
 class FeatureSqueezing(TransformedNetwork):
-    """``network`` behind a feature squeezer: ``networks.FeatureSqueezing(network=..., bits=5, median_size=2)``.
+    """``network`` behind a feature squeezer: ``FeatureSqueezing(network=..., bits=5, median_size=2)``.
 
     forward(x) = network(median_filter(reduce_bit_depth(x, bits), median_size)) for x in [0, 1] of shape
     (B, C, H, W). ``bits=None`` skips the bit-depth reduction, ``median_size=1`` the median filter.
     ``checkpoint`` loads a plain (unsqueezed) network's weights into ``network`` first, so a normally trained
     model is squeezed at test time, as Xu et al. do. ``surrogate`` is the attack-time behaviour (see the module
-    docstring); evaluations switch it with ``attacks.surrogates.use_surrogate`` / ``use_bpda``. Keeps the
+    docstring); evaluations switch it with ``advtrain.attacks.surrogates.use_surrogate`` / ``use_bpda``. Keeps the
     wrapped network's ``forward_features`` / ``head`` / ``feature_dim`` and latent interface, squeezing the input
     in every forward (``logits_from_latent`` starts after the squeezer, so it is the wrapped network's).
     """

@@ -1,5 +1,5 @@
 """Defensive tensorization of a whole network: :func:`tensorize` replaces its layers by Tucker layers
-(``networks.tucker``), :class:`Tensorized` does it from a config, starting from a plain model's checkpoint."""
+(``advtrain.networks.tucker``), :class:`Tensorized` does it from a config, starting from a plain model's checkpoint."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def load_plain_weights(network: nn.Module, checkpoint: str | Path, prefix: str =
 
 
 class Tensorized(TransformedNetwork):
-    """Config-friendly wrapper: ``networks.Tensorized(network=..., rank=..., theta=..., checkpoint=...)``.
+    """Config-friendly wrapper: ``advtrain.networks.Tensorized(network=..., rank=..., theta=..., checkpoint=...)``.
 
     Loads ``checkpoint`` (a plain model's) into ``network`` first when given, then tensorizes it by Tucker
     decomposition of those weights (the paper starts every theta < 1 model from a theta = 1 model). Keeps the

@@ -5,7 +5,7 @@ per mode, W = G x_0 U_0 x_1 U_1 ... (paper eq. 1). The defense randomizes the *r
 training and at inference, each mode n draws a keep-vector lambda_n ~ Bernoulli(theta) over its rank and the
 weight is rebuilt from the sketched core (paper eq. 4), so the weight stays dense.
 
-Implementation choices (see METHODS.md, "Defensive tensorization"):
+Implementation choices (see docs/methods.md, "Defensive tensorization"):
 
 * Fixed-shape masks. tensorly-torch's ``TuckerDropout`` keeps a variable-length index set (a host sync and
   dynamic shapes) and is off in eval mode. Here each mode's mask has the full rank's length and multiplies

@@ -1,5 +1,6 @@
 """The dense weight of a Tucker tensor, fast: the products of :func:`tucker_to_weight` in the cheapest order, with no
-copy of anything larger than a factor, as oneDNN 1x1 convolutions on the CPU (see ``networks.tucker``'s docstring).
+copy of anything larger than a factor, as oneDNN 1x1 convolutions on the CPU (see ``advtrain.networks.tucker``'s
+docstring).
 
 It computes what ``tensorly.tucker_to_tensor`` computes (up to float rounding; tests/test_tucker.py checks it).
 """

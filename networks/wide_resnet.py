@@ -43,7 +43,7 @@ class WideResNet(LatentNetwork):
     """WRN-depth-widen_factor; default WRN-34-10 (TRADES, Madry et al., NuAT2).
 
     Latent z (``latent_layer="penultimate"``, the only choice): the pooled representation after the final BN-ReLU.
-    ADR's CIFAR ResNet is Madry's non-wide ResNet, ``networks.MadryResNet``.
+    ADR's CIFAR ResNet is Madry's non-wide ResNet, ``advtrain.networks.MadryResNet``.
     """
 
     def __init__(

@@ -32,7 +32,7 @@ def check_latent(network: nn.Module) -> None:
 
 class TransformedNetwork(nn.Module):
     """Holds a transformed ``network`` and keeps its interface: ``forward``, ``forward_features``, ``head``,
-    ``feature_dim`` and the latent interface of ``networks.latent`` (``forward_with_latent``, ``to_latent``,
+    ``feature_dim`` and the latent interface of ``advtrain.networks.latent`` (``forward_with_latent``, ``to_latent``,
     ``logits_from_latent``, ``latent_layer``, ``latent_dim``), so defenses that use z (ADR) work unchanged.
 
     ``forward_with_latent`` calls this wrapper's ``__call__``, which calls the wrapped network's: one forward,

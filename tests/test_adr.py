@@ -1,7 +1,7 @@
 """ADR (defenses/adr.py) against hand computations, and the targeted BIM / MIM attacks against reference loops.
 
 The loss terms are recomputed here with Python loops over examples, pairs and coordinates (numpy), from the
-formulas of METHODS.md "ADR" (the official TF code), so a wrong sign, mean, pair orientation or weight fails.
+formulas of docs/methods.md "ADR" (the official TF code), so a wrong sign, mean, pair orientation or weight fails.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from helpers import DigitsMLP
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from attacks import AttackSetting, bim_targeted, mim_targeted
-from defenses import ADR
-from defenses.adr import adr_terms, chunked_l1_gradient, mean_l1_distances, pair_weights
-from networks import CarliniCNN
+from advtrain.attacks import AttackSetting, bim_targeted, mim_targeted
+from advtrain.defenses import ADR
+from advtrain.defenses.adr import adr_terms, chunked_l1_gradient, mean_l1_distances, pair_weights
+from advtrain.networks import CarliniCNN
 
 
 class LatentMLP(nn.Module):
@@ -119,7 +119,7 @@ def test_global_compactness_gradient_equals_the_naive_broadcast_and_the_chunked_
     (naive,) = torch.autograd.grad((w * (z[None] - z_adv[:, None]).abs().mean(-1)).sum(), z_adv)
     assert torch.allclose(ours, naive)
     # the non-CPU backward, in blocks of rows (a block of 1 row here: 7 * 5 > the patched block size)
-    import defenses.adr as adr
+    import advtrain.defenses.adr as adr
 
     old, adr._CHUNK_ELEMENTS = adr._CHUNK_ELEMENTS, 20
     try:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from attacks import (
+from advtrain.attacks import (
     AttackSetting,
     attack_mode,
     bernoulli_start,

@@ -9,8 +9,8 @@ import torch
 import torchattacks
 from torch import nn
 
-from attacks import pgd
-from attacks.autoattack import AUTOATTACK_VERSION, STAGES, autoattack, autoattack_run, build_stages
+from advtrain.attacks import pgd
+from advtrain.attacks.autoattack import AUTOATTACK_VERSION, STAGES, autoattack, autoattack_run, build_stages
 
 EPS = 0.15  # digits, PGD-trained MLP: robust accuracy well between 0 and clean
 

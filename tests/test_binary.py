@@ -1,5 +1,5 @@
-"""XNOR-Net binarization (networks.binary): the layer's formula, the sign surrogates, binarize and its interplay
-with defensive tensorization."""
+"""XNOR-Net binarization (advtrain.networks.binary): the layer's formula, the sign surrogates, binarize and its
+interplay with defensive tensorization."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from networks import (
+from advtrain.networks import (
     XNOR,
     Binarized,
     DigitsCNN,
@@ -23,7 +23,7 @@ from networks import (
     sign_with_surrogate,
     tensorize,
 )
-from networks.tucker import TuckerLayer
+from advtrain.networks.tucker import TuckerLayer
 
 
 def _sgn(v: float) -> float:

@@ -123,7 +123,8 @@ def test_a_checkpoint_of_another_network_says_which_networks(trained, tmp_path):
     (["-c", "configs/trainer/ddp.yaml"], ["no CUDA GPU", "--trainer.accelerator cpu"]),
     (["--model.init_args.eps", "8"], ["eps 8 is larger than half the input range", "8/255", "--allow_large_eps"]),
     (["--evaluation.attacks", '[{"attack": "pgd", "eps": 16}]'], ["pgd-10 eps=16", "16/255"]),
-    (["--model", "defenses.PGDATT"], ["did you mean defenses.PGDAT?", "NuAT", "TRADES"]),
+    (["--model", "advtrain.defenses.PGDATT"], ["did you mean advtrain.defenses.PGDAT?", "NuAT", "TRADES"]),
+    (["--model", "defenses.PGDAT"], ["class path defenses.PGDAT", "is now advtrain.defenses.PGDAT"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
     args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]

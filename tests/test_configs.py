@@ -25,7 +25,7 @@ def test_every_config_parses(cfg, capsys):
         AdvtrainCLI(args=["fit", "-c", str(cfg), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "class_path: defenses." in printed and "class_path: datamodules." in printed
+    assert "class_path: advtrain.defenses." in printed and "class_path: advtrain.datamodules." in printed
 
 
 @pytest.mark.parametrize("preset", ["gpu", "ddp"])
@@ -35,7 +35,7 @@ def test_trainer_presets_compose_with_an_experiment(preset, capsys):
                           str(ROOT / f"configs/trainer/{preset}.yaml"), "--print_config"])
     printed = capsys.readouterr().out
     assert "precision: bf16-mixed" in printed and "channels_last: true" in printed
-    assert "class_path: defenses.PGDAT" in printed  # the preset did not replace the experiment's model
+    assert "class_path: advtrain.defenses.PGDAT" in printed  # the preset did not replace the experiment's model
 
 
 def fit_and_test(cfg, *overrides):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from cli_utils import ROOT
 
+from advtrain.callbacks import RobustnessEvaluation
 from advtrain.cli import AdvtrainCLI
-from callbacks import RobustnessEvaluation
 
 pytestmark = pytest.mark.slow
 QUIET = ["--trainer.enable_progress_bar=false"]

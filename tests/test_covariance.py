@@ -1,5 +1,5 @@
-"""attacks.covariance: SGR's Sigma representations (Roth et al. 2018, eqs. 14-16) against independent references:
-dense matrices built here with numpy, brute-force loops over position pairs, hand EMA updates, and synthetic
+"""advtrain.attacks.covariance: SGR's Sigma representations (Roth et al. 2018, eqs. 14-16) against independent
+references: dense matrices built here with numpy, brute-force loops over position pairs, hand EMA updates, and synthetic
 Gaussian perturbations of a known stationary covariance."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attacks.covariance import (
+from advtrain.attacks.covariance import (
     FullCovariance,
     IdentityCovariance,
     StationaryCovariance,

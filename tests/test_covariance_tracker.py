@@ -1,6 +1,6 @@
-"""callbacks.CovarianceTracker: the EMA of a defense's perturbations by hand, the data scaling, the sources crafted on
-the predicted label, update_every / freeze / fixed Sigma, TensorBoard output, exact resume after SIGKILL, and DDP
-(2 gloo processes: the same Sigma on both ranks, equal to the update on the gathered global batch)."""
+"""advtrain.callbacks.CovarianceTracker: the EMA of a defense's perturbations by hand, the data scaling, the sources
+crafted on the predicted label, update_every / freeze / fixed Sigma, TensorBoard output, exact resume after SIGKILL, and
+DDP (2 gloo processes: the same Sigma on both ranks, equal to the update on the gathered global batch)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from helpers import DigitsMLP
 from pytorch_lightning.plugins.precision import Precision
 from test_host_syncs import counter  # noqa: F401  (the fixture that counts host-device syncs)
 
-from attacks import pgd
-from attacks.covariance import StationaryCovariance, make_covariance
-from callbacks import CovarianceTracker
-from datamodules import Digits
-from defenses import PGDAT, Standard
+from advtrain.attacks import pgd
+from advtrain.attacks.covariance import StationaryCovariance, make_covariance
+from advtrain.callbacks import CovarianceTracker
+from advtrain.datamodules import Digits
+from advtrain.defenses import PGDAT, Standard
 
 FAST = dict(accelerator="cpu", enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
             limit_val_batches=0, max_epochs=1)
@@ -228,7 +228,7 @@ def test_resume_after_sigkill_is_bitwise_equal_sigma_included(tmp_path):
     overrides = tmp_path / "tracker.yaml"
     overrides.write_text(
         "trainer:\n  max_epochs: 3\n  limit_train_batches: 4\n  limit_val_batches: 1\n  callbacks:\n"
-        "    - class_path: callbacks.CovarianceTracker\n"
+        "    - class_path: advtrain.callbacks.CovarianceTracker\n"
         "      init_args: {source: pgd, steps: 2, representation: stationary, update_every: 2}\n"
         "model:\n  init_args:\n    steps: 2\n")
     cfg = config("demo/pgd_at.yaml")
@@ -278,7 +278,7 @@ def test_ddp_ranks_hold_the_same_sigma_equal_to_the_global_batch_update(tmp_path
     overrides = tmp_path / "ddp.yaml"
     overrides.write_text(
         "trainer:\n  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 0\n  callbacks:\n"
-        "    - class_path: callbacks.CovarianceTracker\n"
+        "    - class_path: advtrain.callbacks.CovarianceTracker\n"
         "      init_args: {source: defense, representation: stationary, beta: 0.5}\n"
         "    - class_path: test_covariance_tracker.GlobalBatchReference\n"
         f"      init_args: {{path: {tmp_path}}}\n"
@@ -298,7 +298,7 @@ def test_ddp_ranks_hold_the_same_sigma_equal_to_the_global_batch_update(tmp_path
 
 
 def test_step_gradient_source_reuses_the_sgr_steps_own_input_gradients():
-    from defenses import SGR
+    from advtrain.defenses import SGR
 
     class GradientRecorder(pl.Callback):
         def __init__(self):

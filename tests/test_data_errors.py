@@ -30,7 +30,7 @@ from fixtures_data import (
     write_speech_wav,
 )
 
-from datamodules import (
+from advtrain.datamodules import (
     CIFAR10,
     MNIST,
     DatasetError,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from fixtures_data import mnist_images, patch_cifar10_checksums, write_cifar10, write_mnist
 
-from datamodules import (
+from advtrain.datamodules import (
     CIFAR10,
     MNIST,
     ArrayDataModule,
@@ -18,7 +18,7 @@ from datamodules import (
     Digits,
     TensorPairDataset,
 )
-from datamodules.base import collate_batch
+from advtrain.datamodules.base import collate_batch
 
 
 @pytest.fixture

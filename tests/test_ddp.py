@@ -10,7 +10,7 @@ import torch
 from cli_utils import advtrain, config
 from cluster_utils import fake_slurm_bin, free_port, slurm_env, start_tasks, wait
 
-from datamodules import Digits
+from advtrain.datamodules import Digits
 
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp"]

@@ -11,8 +11,8 @@ import torch
 from cli_utils import ROOT
 from torch import nn
 
-from attacks.deepfool import deepfool, deepfool_iterations
-from attacks.metrics import METRICS
+from advtrain.attacks.deepfool import deepfool, deepfool_iterations
+from advtrain.attacks.metrics import METRICS
 
 # --- a linear 2-class model: one iteration lands (1 + overshoot) times past the boundary ----------------------
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import RobustnessEvaluation
-from datamodules import Digits
-from defenses import PGDAT, TRADES, PiecewiseLinearLR, Standard
+from advtrain.callbacks import RobustnessEvaluation
+from advtrain.datamodules import Digits
+from advtrain.defenses import PGDAT, TRADES, PiecewiseLinearLR, Standard
 
 
 class BNNet(nn.Module):
@@ -56,7 +56,7 @@ def test_pgdat_trains_on_examples_in_the_ball_and_attacks_in_eval_mode(batch):
 
 
 def test_fgsm_rs_defaults_to_the_fbf_step(batch, monkeypatch):
-    import defenses.pgd_at as pgd_at
+    import advtrain.defenses.pgd_at as pgd_at
 
     seen = {}
     monkeypatch.setattr(pgd_at, "fgsm_rs",

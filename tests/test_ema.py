@@ -1,4 +1,4 @@
-"""callbacks.EMA: the average against a hand computation, where it is used, and exact resume."""
+"""advtrain.callbacks.EMA: the average against a hand computation, where it is used, and exact resume."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from cli_utils import config, straight_and_resumed
 from torch import nn
 
-from callbacks import EMA
-from datamodules import Digits
-from defenses import Standard
+from advtrain.callbacks import EMA
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
 
 
 class SmallNet(nn.Module):
@@ -112,7 +112,7 @@ def test_resume_gives_bitwise_the_same_averages_as_an_uninterrupted_run(tmp_path
     """NuAT2-WA on digits with both averages; SIGKILL in the second epoch, resume with --ckpt_path last."""
     overrides = tmp_path / "wa.yaml"
     overrides.write_text(
-        "trainer:\n  max_epochs: 3\n  callbacks:\n    - class_path: callbacks.EMA\n"
+        "trainer:\n  max_epochs: 3\n  callbacks:\n    - class_path: advtrain.callbacks.EMA\n"
         "      init_args: {decay: 0.9, attack_decay: 0.5}\n"
         "model:\n  init_args:\n    attack_steps: 2\n    attack_on_ema: true\n")
     cfg = config("demo/nuat.yaml")

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import RobustnessEvaluation
-from datamodules import Digits
-from defenses import Standard
-from evaluation import sanity_verdicts
+from advtrain.callbacks import RobustnessEvaluation
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.evaluation import sanity_verdicts
 
 SUITE = [{"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 10}]
 
@@ -226,7 +226,7 @@ def test_randomized_model_gets_the_rand_autoattack(tmp_path, trained_net):
 
 
 def test_autoattack_setting_rejects_what_it_cannot_honour():
-    from attacks import AttackSetting
+    from advtrain.attacks import AttackSetting
 
     with pytest.raises(ValueError, match="official settings"):
         AttackSetting("autoattack", eps=0.1, steps=10)

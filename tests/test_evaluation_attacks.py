@@ -14,11 +14,11 @@ from helpers import DigitsMLP
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from advtrain import report
-from attacks import AttackSetting
-from callbacks import RobustnessEvaluation
-from datamodules import Digits
-from defenses import Standard
-from networks import FeatureSqueezing
+from advtrain.attacks import AttackSetting
+from advtrain.callbacks import RobustnessEvaluation
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.networks import FeatureSqueezing
 
 SUITE = [{"attack": "deepfool"}, {"attack": "pgd", "eps": 0.1, "steps": 10},
          {"attack": "pgd_targeted", "eps": 0.1, "steps": 10, "target": "all"},

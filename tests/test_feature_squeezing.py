@@ -1,5 +1,5 @@
-"""Feature squeezing (networks.squeeze) against scipy, its attack surrogates (attacks.surrogates), BPDA on a
-trained digits model, and loading a plain checkpoint."""
+"""Feature squeezing (advtrain.networks.squeeze) against scipy, its attack surrogates (attacks/surrogates.py), BPDA
+on a trained digits model, and loading a plain checkpoint."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from attacks import pgd
-from attacks.surrogates import known_surrogates, surrogate_label, use_bpda, use_surrogate
-from networks import XNOR, Binarized, DigitsCNN, FeatureSqueezing
+from advtrain.attacks import pgd
+from advtrain.attacks.surrogates import known_surrogates, surrogate_label, use_bpda, use_surrogate
+from advtrain.networks import XNOR, Binarized, DigitsCNN, FeatureSqueezing
 
 
 def _reference(x: torch.Tensor, bits: int | None, size: int) -> np.ndarray:

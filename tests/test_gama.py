@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import fgsm
-from attacks.gama import gama_fw, gama_loss, gama_pgd, gama_step_schedule, gama_weight_schedule
-from attacks.losses import margin
+from advtrain.attacks import fgsm
+from advtrain.attacks.gama import gama_fw, gama_loss, gama_pgd, gama_step_schedule, gama_weight_schedule
+from advtrain.attacks.losses import margin
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ first step is not checked: the first ``self.log`` of each name creates its state
 them to the GPU once. ``log_every_n_steps=1`` makes the checked steps take the logging-step branches (PGD-AT's
 clean-accuracy forward).
 
-NuAT's SVD (:func:`attacks.nuclear.nuclear_norm`) is the one documented host sync (DESIGN.md, "Performance
+NuAT's SVD (:func:`advtrain.attacks.nuclear.nuclear_norm`) is the one documented host sync (docs/design.md, "Performance
 principles"). Inside that function only, the mode is lowered to "warn"; everything around it stays "error", so
 any other sync in NuAT's step still fails. This is preferred to patching ``nuclear_norm`` with a sync-free stand-in:
 the step keeps its real computation (the SVD's output and the gradient through it, which the attack and the
@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from helpers import every_defense
 
-import attacks.nuclear
-from attacks import attack_mode, gama_pgd, pgd
-from datamodules import Digits
-from networks import DigitsCNN, ResNet18, Tensorized
+import advtrain.attacks.nuclear
+from advtrain.attacks import attack_mode, gama_pgd, pgd
+from advtrain.datamodules import Digits
+from advtrain.networks import DigitsCNN, ResNet18, Tensorized
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -105,8 +105,9 @@ DEFENSES = every_defense(width=16, hidden=64, steps=5)
 @pytest.fixture
 def svd_exempted(monkeypatch):
     """Lower the sync debug mode to "warn" inside ``nuclear_norm`` only, wherever a module of the package holds
-    it (``attacks``, ``attacks.nuclear``, ``defenses.nuat``); returns the list of the modes it was called under."""
-    original = attacks.nuclear.nuclear_norm
+    it (``attacks``, ``advtrain.attacks.nuclear``, ``advtrain.defenses.nuat``); returns the list of the modes it was
+    called under."""
+    original = advtrain.attacks.nuclear.nuclear_norm
     calls = []
 
     @functools.wraps(original)
@@ -116,7 +117,7 @@ def svd_exempted(monkeypatch):
             return original(*args, **kwargs)
 
     for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").split(".")[0] in ("attacks", "defenses")
+        if (getattr(module, "__name__", "").startswith(("advtrain.attacks", "advtrain.defenses"))
                 and getattr(module, "nuclear_norm", None) is original):
             monkeypatch.setattr(module, "nuclear_norm", exempted)
     return calls
@@ -171,7 +172,7 @@ def test_pgd_under_bf16_autocast_on_gpu_keeps_float32_iterates():
 def test_the_random_streams_of_the_current_gpu_are_saved_and_restored():
     """Each process saves the generator of its own device only (a run saved on more GPUs than it is resumed on
     restores without an IndexError), and restoring gives the same draws again."""
-    from defenses.rng import gathered_rng_states, set_rng_states
+    from advtrain.defenses.rng import gathered_rng_states, set_rng_states
 
     torch.cuda.manual_seed_all(3)
     torch.rand(1, device="cuda")

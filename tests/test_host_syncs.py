@@ -1,6 +1,6 @@
 """No host-device sync inside a training step, counted on CPU so that a regression shows without a GPU.
 
-DESIGN.md ("Performance principles"): nothing in a training step may call .item(), .cpu() or branch on a tensor
+docs/design.md ("Performance principles"): nothing in a training step may call .item(), .cpu() or branch on a tensor
 value; NuAT's SVD is the one known host sync. On a GPU, ``make test-gpu`` checks this with
 ``torch.cuda.set_sync_debug_mode("error")`` (tests/test_gpu.py). A CPU never waits for itself, so here the
 operations that would make a CUDA host wait are counted instead:
@@ -25,7 +25,7 @@ steps run, so first-step and steady-state paths are both seen, with ``log_every_
 the logging-step branches (PGD-AT's clean-accuracy forward). GAMA-PGD and GAMA-FW, evaluation attacks, are counted
 around the attack call.
 
-NuAT: :func:`attacks.nuclear.nuclear_norm` (the SVD) is the documented exception. What happens inside it is
+NuAT: :func:`advtrain.attacks.nuclear.nuclear_norm` (the SVD) is the documented exception. What happens inside it is
 counted apart (on CPU the SVD reads nothing back; on CUDA it syncs once per call); everything around it must
 count zero.
 """
@@ -47,11 +47,11 @@ from helpers import every_defense
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
-import attacks.nuclear
-from attacks import gama_fw, gama_pgd
-from datamodules import Digits
-from defenses import Standard
-from networks import DigitsCNN
+import advtrain.attacks.nuclear
+from advtrain.attacks import gama_fw, gama_pgd
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.networks import DigitsCNN
 
 # reads of a tensor's value from Python
 VALUE_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -210,10 +210,10 @@ def counter(monkeypatch) -> SyncCounter:
 
     monkeypatch.setattr(torch.nn.functional, "one_hot", counting_one_hot)
 
-    original = attacks.nuclear.nuclear_norm
+    original = advtrain.attacks.nuclear.nuclear_norm
     exempted = counter.exempt(original)
     for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").split(".")[0] in ("attacks", "defenses")
+        if (getattr(module, "__name__", "").startswith(("advtrain.attacks", "advtrain.defenses"))
                 and getattr(module, "nuclear_norm", None) is original):
             monkeypatch.setattr(module, "nuclear_norm", exempted)
     return counter

@@ -16,8 +16,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules import DatasetNotFoundError, ImageNet100
-from datamodules.imagenet100 import CLASS_LIST_FILE, ClassListImageFolder, read_class_list
+from advtrain.datamodules import DatasetNotFoundError, ImageNet100
+from advtrain.datamodules.imagenet100 import CLASS_LIST_FILE, ClassListImageFolder, read_class_list
 
 # Listed classes in deliberately unsorted order; sorted they are LISTED_SORTED -> labels 0..3.
 LISTED = ["n03000000", "n01000000", "n04000000", "n02000000"]

@@ -13,11 +13,11 @@ from helpers import DigitsMLP
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from callbacks import LossLandscape, landscape_directions, loss_surface
-from datamodules import Digits
-from defenses import Standard
-from networks.tensorize import tensorize
-from networks.tucker import keep_probability
+from advtrain.callbacks import LossLandscape, landscape_directions, loss_surface
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.networks.tensorize import tensorize
+from advtrain.networks.tucker import keep_probability
 
 W = np.array([[1.0, -2.0, 0.5, 0.3], [-0.7, 0.4, 1.5, -1.0], [0.2, 0.9, -0.6, 1.1]])
 C = np.array([0.1, -0.3, 0.25])

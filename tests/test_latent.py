@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from networks import (
+from advtrain.networks import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CNN4C3F,
@@ -136,7 +136,7 @@ def test_forward_with_latent_equals_separate_computations(make, shape, dim, laye
 
 
 def test_default_latent_layers_are_the_papers():
-    # ADR supplementary / METHODS.md: the flattened conv output for the CNNs, the pooled penultimate for ResNets.
+    # ADR supplementary / docs/methods.md: the flattened conv output for the CNNs, the pooled penultimate for ResNets.
     assert CNN4C3F().latent_layer == "conv" and CarliniCNN("cifar").latent_layer == "conv"
     assert CarliniCNN("cifar").latent_dim == CarliniCNN("cifar").conv_dim == 128 * 5 * 5
     assert DigitsCNN().latent_layer == "conv"

@@ -14,11 +14,11 @@ from helpers import LatentMLP
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from callbacks import LossLandscape, landscape_directions, loss_surface
-from datamodules import Digits
-from defenses import Standard
-from evaluation.landscape import LatentHead
-from networks.tensorize import tensorize
+from advtrain.callbacks import LossLandscape, landscape_directions, loss_surface
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.evaluation.landscape import LatentHead
+from advtrain.networks.tensorize import tensorize
 
 A = np.array([[0.5, -1.0, 0.2, 0.7], [0.3, 0.8, -0.4, 0.1], [-0.6, 0.2, 0.9, -0.3]])
 W = np.array([[1.0, -2.0, 0.5], [-0.7, 0.4, 1.5], [0.2, 0.9, -0.6]])

@@ -15,11 +15,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import LatentTSNE
-from datamodules import Digits
-from defenses import Standard
-from evaluation.latent_tsne import latents, plot_embedding, prediction_entropy, select_points
-from networks.tensorize import tensorize
+from advtrain.callbacks import LatentTSNE
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.evaluation.latent_tsne import latents, plot_embedding, prediction_entropy, select_points
+from advtrain.networks.tensorize import tensorize
 
 
 class MeanThreshold(nn.Module):

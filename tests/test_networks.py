@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-import networks
-from networks import (
+import advtrain.networks
+from advtrain.networks import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CNN4C3F,
@@ -163,7 +163,7 @@ def test_cnn_layouts_and_parameter_counts():
     assert cifar.features[0].in_channels == 3
     for model, width, hidden in [(CNN4C3F(width=32), 32, 200), (CNN4C3F(width=64, in_channels=3, input_size=32),
                                                                  64, 256)]:
-        # the C&W widths (METHODS.md, ADR): width-width-pool-2 width-2 width-pool
+        # the C&W widths (docs/methods.md, ADR): width-width-pool-2 width-2 width-pool
         assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [width] * 2 + [2 * width] * 2
         assert all(m.kernel_size == (3, 3) for m in model.modules() if isinstance(m, nn.Conv2d))
         # FC -> ReLU -> Dropout(0.5) -> FC -> ReLU, then the head.
@@ -282,8 +282,8 @@ def test_torchvision_net_pretrained_gets_new_head(monkeypatch):
 
 
 def test_exports_and_constants():
-    for name in networks.__all__:
-        assert hasattr(networks, name)
-    assert networks.CIFAR10_MEAN == pytest.approx([0.4914, 0.4822, 0.4465])
-    assert networks.MNIST_MEAN == [0.1307] and networks.MNIST_STD == [0.3081]
+    for name in advtrain.networks.__all__:
+        assert hasattr(advtrain.networks, name)
+    assert advtrain.networks.CIFAR10_MEAN == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert advtrain.networks.MNIST_MEAN == [0.1307] and advtrain.networks.MNIST_STD == [0.3081]
     assert len(CIFAR10_STD) == 3 and all(0.2 < s < 0.3 for s in CIFAR10_STD)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.core import bernoulli_start
-from attacks.losses import cross_entropy, margin
-from attacks.noise import covariance_of, lrc, lrc_noise, uniform_noise
-from attacks.standard import pgd, rfgsm
-from attacks.targeted import pgd_targeted
+from advtrain.attacks.core import bernoulli_start
+from advtrain.attacks.losses import cross_entropy, margin
+from advtrain.attacks.noise import covariance_of, lrc, lrc_noise, uniform_noise
+from advtrain.attacks.standard import pgd, rfgsm
+from advtrain.attacks.targeted import pgd_targeted
 
 
 class ConstantLogits(nn.Module):

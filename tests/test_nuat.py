@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from helpers import DigitsMLP
 from torch import nn
 
-from attacks import nuclear_norm, nuclear_norm_step, nuclear_two_step
-from datamodules import Digits
-from defenses import LinearRamp, NuAT
+from advtrain.attacks import nuclear_norm, nuclear_norm_step, nuclear_two_step
+from advtrain.datamodules import Digits
+from advtrain.defenses import LinearRamp, NuAT
 
 
 def direct_nuclear_step(model, x, y, eps, a, lam, seed):
-    """The formula of the paper / METHODS.md, written out."""
+    """The formula of the paper / docs/methods.md, written out."""
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
     x0 = (x + torch.where(u < 0.5, -a, a)).clamp(0, 1).requires_grad_(True)
     clean = model(x).detach()
@@ -155,12 +155,12 @@ def test_nuat2_wa_takes_its_first_step_on_the_fast_ema_without_gradients_into_it
 
 def test_attack_on_ema_without_the_callback_says_what_to_add(batch):
     model = NuAT(network=DigitsMLP(), attack_steps=2, attack_on_ema=True)
-    with pytest.raises(RuntimeError, match="callbacks.EMA"):
+    with pytest.raises(RuntimeError, match="advtrain.callbacks.EMA"):
         model.defense_loss(*batch)
 
 
 def test_nuat_wa_trains_with_the_fast_average_from_the_second_epoch():
-    from callbacks import EMA
+    from advtrain.callbacks import EMA
 
     seen = []
 

@@ -23,9 +23,9 @@ from cli_utils import ROOT
 from helpers import DigitsMLP
 
 from advtrain.cli import AdvtrainCLI
-from datamodules import Digits
-from defenses import CyclicLRInEpochs, NuAT
-from defenses.schedules import batches_per_epoch
+from advtrain.datamodules import Digits
+from advtrain.defenses import CyclicLRInEpochs, NuAT
+from advtrain.defenses.schedules import batches_per_epoch
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from helpers import DigitsMLP
 from torch import nn
 
-from attacks import AttackSetting
-from attacks.core import expected_input_gradient
-from attacks.losses import cross_entropy
-from callbacks import RobustnessEvaluation
-from datamodules import Digits
-from defenses import Standard
-from networks import randomness_off, tensorize
+from advtrain.attacks import AttackSetting
+from advtrain.attacks.core import expected_input_gradient
+from advtrain.attacks.losses import cross_entropy
+from advtrain.callbacks import RobustnessEvaluation
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
+from advtrain.networks import randomness_off, tensorize
 
 
 class CyclingLinear(nn.Module):
@@ -107,7 +107,7 @@ def test_eot_pgd_is_no_weaker_than_pgd_and_results_record_the_draws(tmp_path, te
 
 def test_omniscient_examples_are_crafted_at_theta_one(tmp_path, tensorized_state):
     """The omniscient setting's examples equal PGD run by hand on the network with randomness off."""
-    from evaluation import craft
+    from advtrain.evaluation import craft
 
     torch.manual_seed(0)
     network = tensorize(DigitsMLP(hidden=64), theta=0.7, exclude=["head"])

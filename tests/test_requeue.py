@@ -13,10 +13,10 @@ from cluster_utils import fake_slurm_bin, slurm_env, start_tasks, wait
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # NuAT-WA (an EMA, the lambda schedule), a per-batch learning-rate schedule and the covariance tracker: every kind
 # of state a run carries
-SCHEDULE = json.dumps({"class_path": "defenses.schedules.PiecewiseLinearLR",
+SCHEDULE = json.dumps({"class_path": "advtrain.defenses.schedules.PiecewiseLinearLR",
                        "init_args": {"epochs": [0, 1, 2], "factors": [0.5, 1.0, 0.1]}})
 NUAT_WA = ["-c", config("demo/nuat.yaml"), "--trainer.max_epochs", 2, "--model.init_args.lr_scheduler", SCHEDULE,
-           "--trainer.callbacks+=callbacks.CovarianceTracker", "--trainer.callbacks.source", "defense", *FAST]
+           "--trainer.callbacks+=advtrain.callbacks.CovarianceTracker", "--trainer.callbacks.source", "defense", *FAST]
 WITH_HELPERS = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
 SIGNAL_AT = 25  # digits: 20 batches per epoch, so the signal comes in the middle of the second epoch
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datamodules import Digits
-from datamodules.resume import ResumableLoader, ShuffleSampler
+from advtrain.datamodules import Digits
+from advtrain.datamodules.resume import ResumableLoader, ShuffleSampler
 
 
 def batches(loader, epochs=1):

@@ -22,9 +22,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks import RobustnessEvaluation
-from datamodules import Digits
-from defenses import Standard
+from advtrain.callbacks import RobustnessEvaluation
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
 
 LEVELS = 255  # Digits serves uint8 images / 255
 A = 0.4  # the attack budget in grey levels: eps = A / 255 keeps every pixel in its rounding cell (|u| < 0.5)

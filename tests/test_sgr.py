@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import fgsm, pgd
-from datamodules import Digits
-from defenses import GN, SGR, MixtureAT
-from networks import DigitsCNN
+from advtrain.attacks import fgsm, pgd
+from advtrain.datamodules import Digits
+from advtrain.defenses import GN, SGR, MixtureAT
+from advtrain.networks import DigitsCNN
 
 
 class DenseCovariance:
@@ -329,13 +329,13 @@ def test_mixture_short_digits_run(tmp_path):
 @pytest.mark.parametrize("settings", [dict(sigma="tracked"), dict(sigma="identity", uncentred=True)])
 def test_fit_without_the_tracker_names_it(tmp_path, settings):
     model = SGR(DigitsCNN(width=4, hidden=16), eps=0.1, val_steps=2, **settings)
-    with pytest.raises(ValueError, match="callbacks.CovarianceTracker"):
+    with pytest.raises(ValueError, match="advtrain.callbacks.CovarianceTracker"):
         fit(tmp_path, model, [], batches=1)
 
 
 @pytest.mark.parametrize("representation", ["stationary", "full"])
 def test_sgr_trains_with_the_covariance_tracker(tmp_path, representation):
-    from callbacks import CovarianceTracker
+    from advtrain.callbacks import CovarianceTracker
 
     torch.manual_seed(0)
     tracker = CovarianceTracker(source="gradient", representation=representation, scale="unit", log_every_n_steps=100)

@@ -14,9 +14,9 @@ from cli_utils import ROOT, last_checkpoint
 from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
 
 from advtrain import report, transfer
+from advtrain.attacks import AttackSetting, attack_mode, pgd
 from advtrain.cli import AdvtrainCLI
-from attacks import AttackSetting, attack_mode, pgd
-from evaluation.figures import MEAN, lrc_curves, panels
+from advtrain.evaluation.figures import MEAN, lrc_curves, panels
 
 ROWS = ["clean", "wdecay", "pgd_aug", "fgsm_aug", "gn", "sgr", "sgr_grad", "sgr_sign", "sgr_fgsm", "sgr_pgd"]
 SOURCES = {"sgr": "sign", "sgr_grad": "gradient", "sgr_sign": "sign", "sgr_fgsm": "fgsm", "sgr_pgd": "pgd"}
@@ -241,7 +241,7 @@ def test_transfer_matrix_between_gn_and_sgr_checkpoints(runs, tmp_path):
     result = transfer.main(["-c", str(ROOT / "configs/demo/gn.yaml"), "--checkpoints", *paths, "--attack", attack,
                             "--limit", "40", "--device", "cpu", "--output", str(tmp_path / "m.json")])
     assert result["sources"] == ["gn/version_0/last", "sgr/version_0/last"]
-    from datamodules import Digits
+    from advtrain.datamodules import Digits
 
     data = Digits()
     data.setup("test")

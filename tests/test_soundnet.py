@@ -1,4 +1,4 @@
-"""SoundNet5 (networks.soundnet): shapes, the 512-d flatten, input validation, gradients, binarization."""
+"""SoundNet5 (advtrain.networks.soundnet): shapes, the 512-d flatten, input validation, gradients, binarization."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from networks import XNOR, SoundNet5, binarize
-from networks.soundnet import soundnet5_lengths
+from advtrain.networks import XNOR, SoundNet5, binarize
+from advtrain.networks.soundnet import soundnet5_lengths
 
 
 def _waveform(batch: int = 2, length: int = 16000) -> torch.Tensor:

@@ -17,7 +17,7 @@ from fixtures_data import (
     write_speech_wav,
 )
 
-from datamodules import DatasetNotFoundError, SpeechCommands, TensorPairDataset
+from advtrain.datamodules import DatasetNotFoundError, SpeechCommands, TensorPairDataset
 
 SPLITS = ("train", "val", "test")
 SILENCE = 11

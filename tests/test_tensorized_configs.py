@@ -12,8 +12,8 @@ from cli_utils import ROOT, last_checkpoint
 from fixtures_data import patch_cifar10_checksums, write_cifar10, write_speech_commands
 
 from advtrain.cli import AdvtrainCLI
-from networks import CIFAR10_MEAN, CIFAR10_STD, ResNet18, Tensorized, TuckerConv, randomness_off
-from networks.binary import XNOR
+from advtrain.networks import CIFAR10_MEAN, CIFAR10_STD, ResNet18, Tensorized, TuckerConv, randomness_off
+from advtrain.networks.binary import XNOR
 
 FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
         "--trainer.devices=1", "--trainer.max_epochs=1"]
@@ -103,9 +103,9 @@ def test_speech_commands_soundnet5_recipes_run_on_a_fixture_folder(tmp_path, mon
 
 def test_audio_attacks_stay_in_the_waveform_range(tmp_path, monkeypatch):
     """Speech Commands lives in [-1, 1]: the evaluation's attacks clamp there, not to [0, 1]."""
-    from attacks import AttackSetting
-    from evaluation import craft
-    from networks import SoundNet5
+    from advtrain.attacks import AttackSetting
+    from advtrain.evaluation import craft
+    from advtrain.networks import SoundNet5
 
     torch.manual_seed(0)
     x = torch.rand(4, 1, 16000) * 2 - 1

@@ -9,8 +9,8 @@ import torch
 from cli_utils import ROOT, last_checkpoint
 
 from advtrain import transfer
+from advtrain.attacks import attack_mode, pgd
 from advtrain.cli import AdvtrainCLI
-from attacks import attack_mode, pgd
 
 ATTACK = '{"attack": "pgd", "eps": 0.1, "steps": 5}'
 
@@ -37,7 +37,7 @@ def test_transfer_matrix_diagonal_is_white_box_and_examples_are_reused(checkpoin
     assert len(result["accuracy"]) == 2 and all(len(row) == 2 for row in result["accuracy"])
     assert "crafted on" in capsys.readouterr().out
     # the diagonal is the white-box attack on that checkpoint, computed independently here
-    from datamodules import Digits
+    from advtrain.datamodules import Digits
 
     data = Digits()
     data.setup("test")

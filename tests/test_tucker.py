@@ -9,9 +9,23 @@ import tensorly as tl
 import torch
 from torch import nn
 
-from networks import DigitsCNN, Tensorized, TuckerConv, TuckerLinear, keep_probability, randomness_off, tensorize
-from networks.tensorize import load_plain_weights
-from networks.tucker import contraction_order, is_tensorized, reconstruction_macs, tucker_ranks, tucker_to_weight
+from advtrain.networks import (
+    DigitsCNN,
+    Tensorized,
+    TuckerConv,
+    TuckerLinear,
+    keep_probability,
+    randomness_off,
+    tensorize,
+)
+from advtrain.networks.tensorize import load_plain_weights
+from advtrain.networks.tucker import (
+    contraction_order,
+    is_tensorized,
+    reconstruction_macs,
+    tucker_ranks,
+    tucker_to_weight,
+)
 
 
 def _layers():
@@ -170,7 +184,8 @@ def test_tensorized_wrapper_initializes_from_a_plain_checkpoint(tmp_path):
         load_plain_weights(DigitsCNN(), tmp_path / "wrong.ckpt")
 
 
-# The reconstruction (networks.tucker.tucker_to_weight) is the tensor tensorly's tucker_to_tensor gives: weights of
+# The reconstruction (advtrain.networks.tucker.tucker_to_weight) is the tensor tensorly's tucker_to_tensor gives:
+# weights of
 # linear (2-D), conv1d (3-D) and conv2d (4-D) layers, at full rank, below it, with spatial ranks below the kernel
 # size, with 1x1 kernels, in every order of the products and on both paths (oneDNN 1x1 convolutions, matmuls).
 RANK_PATTERNS = [

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from helpers import DigitsMLP
 from torch import nn
 
-from datamodules import Digits
-from defenses import Standard
+from advtrain.datamodules import Digits
+from advtrain.defenses import Standard
 
 
 class Counting(nn.Module):

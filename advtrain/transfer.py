@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from advtrain.attacks import AttackSetting
+from advtrain.attacks import AttackSetting, seeded_generator
 from advtrain.evaluation import craft as craft_batch
 from advtrain.evaluation import is_randomized, load_network, model_hash
 
@@ -50,7 +50,7 @@ def batches(datamodule, limit: int | None, batch_size: int, device):
 def craft(network: nn.Module, datamodule, setting: AttackSetting, limit, batch_size, device, seed: int) -> dict:
     xs, ys = [], []
     for batch_idx, (x, y) in enumerate(batches(datamodule, limit, batch_size, device)):
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_idx)
+        generator = seeded_generator(device, seed, batch_idx)
         xs.append(craft_batch(setting, network, x, y, generator,
                               tuple(getattr(datamodule, "input_bounds", (0.0, 1.0)))).cpu())
         ys.append(y.cpu())

@@ -18,6 +18,7 @@ from .nuclear import nuclear_loss, nuclear_norm, nuclear_norm_step, nuclear_two_
 from .registry import ATTACKS, AttackSpec, Param, check_attack_name
 from .setting import AttackSetting
 from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd, rfgsm
+from .streams import SEED_MIX, seeded_generator, stream_seed
 from .surrogates import known_surrogates, register_surrogates, use_bpda, use_surrogate
 from .targeted import bim_targeted, mim_targeted, pgd_targeted
 
@@ -30,5 +31,5 @@ __all__ = [
     "pgd_targeted", "project", "projected_gradient", "random_start", "register_surrogates", "rfgsm",
     "uniform_noise", "use_bpda", "use_surrogate",
     "Covariance", "FullCovariance", "IdentityCovariance", "StationaryCovariance",
-    "bim_targeted", "mim_targeted",
+    "bim_targeted", "mim_targeted", "SEED_MIX", "seeded_generator", "stream_seed",
 ]

@@ -60,7 +60,7 @@ def main(argv=None):
 
     def step(defense):
         optimizer.zero_grad(set_to_none=True)
-        defense.defense_loss(x, y).loss.backward()
+        defense.defense_loss(x, y, 0).loss.backward()
         optimizer.step()
 
     times = {name: [] for name in defenses}

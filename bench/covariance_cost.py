@@ -64,7 +64,7 @@ def main(argv=None):
 
     def clean_step():
         optimizer.zero_grad(set_to_none=True)
-        defense.defense_loss(x, y).loss.backward()
+        defense.defense_loss(x, y, 0).loss.backward()
         optimizer.step()
 
     seconds = {"clean_step": timed(clean_step, device, args.repeats)}

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from advtrain.callbacks import CovarianceTracker  # noqa: E402
-from advtrain.defenses import GN, SGR, Standard  # noqa: E402
+from advtrain.defenses import GN, SGR, Standard, StepOutput  # noqa: E402
 from advtrain.networks import CarliniCNN  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402
 
@@ -121,8 +121,9 @@ def main(argv=None):
         defenses[name] = SGR(network, lam=args.lam, eps="8/255")
         trackers[name] = CovarianceTracker(source=source, representation=representation, scale="unit",
                                            steps=10, step="2/255")
-        trackers[name].setup(trainer, defenses[name], "fit")  # hands defenses[name].covariance over
+        trackers[name].setup(trainer, defenses[name], "fit")
         trackers[name].on_fit_start(trainer, defenses[name])
+        defenses[name].fixed_covariance = trackers[name].covariance  # no trainer here to find the tracker in
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
 
     steps = {}
@@ -131,12 +132,12 @@ def main(argv=None):
 
         def step(name=name, defense=defense):
             optimizer.zero_grad(set_to_none=True)
-            out = defense.defense_loss(x, y)
+            out = defense.defense_loss(x, y, 0)
             out.loss.backward()
             optimizer.step()
             how = SGR_ROWS[name][2] if name in trackers else "frozen"
             if how == "callback":
-                trackers[name].on_train_batch_end(trainer, defense, defense.step_outputs(x, y, out), (x, y), 0)
+                trackers[name].on_train_batch_end(trainer, defense, {"step": StepOutput.of(x, y, out)}, (x, y), 0)
 
         steps[name] = step
     # rounds interleave the rows (each round times every row once; the median over rounds per row), so a change

@@ -117,10 +117,9 @@ def main(argv=None):
 
         def step(defense=defense, cycle=cycle):
             for batch_idx in range(cycle):
-                defense.batch_idx = batch_idx
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
-                    loss = defense.defense_loss(x, y).loss
+                    loss = defense.defense_loss(x, y, batch_idx).loss
                 loss.backward()
                 optimizer.step()
 

@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd
+from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd, seeded_generator
 from advtrain.attacks.covariance import REPRESENTATIONS, Covariance, load_covariance, make_covariance
+from advtrain.defenses import step_output
 
 from .covariance_logging import data_mean_variance, input_shape_of, log_covariance
 
@@ -21,24 +22,25 @@ SCALES = ("data", "unit", "none")
 
 
 class CovarianceTracker(pl.Callback):
-    """Sigma <- (1 - beta) Sigma + beta * batch mean of xi xi^T (raw second moments, eq. 15), handed to the module
-    as ``pl_module.covariance`` (the one documented attribute; SGR reads ``covariance.matvec(g)`` and ``.mean``).
+    """Sigma <- (1 - beta) Sigma + beta * batch mean of xi xi^T (raw second moments, eq. 15), offered as
+    :attr:`covariance` (SGR finds this callback in ``trainer.callbacks`` and reads ``covariance.matvec(g)`` and
+    ``.mean``).
 
     When each hook runs:
 
     * ``setup("fit")``: builds the estimate over the datamodule's input shape (``advtrain.attacks.covariance``: ``full``
-      d x d matrix, or ``stationary`` covariance functions, eq. 16) and sets ``pl_module.covariance`` to the
-      scaled Sigma, which is never None from then on. Before the first update Sigma is the identity scaled to the
+      d x d matrix, or ``stationary`` covariance functions, eq. 16) and its scaled Sigma, :attr:`covariance`,
+      which is never None from then on. Before the first update Sigma is the identity scaled to the
       target mean diagonal, so SGR starts as GN (our choice: the paper does not say how Sigma starts); the first
       update replaces it by the first batch's moments (beta = 1 once, so no trace of the identity lingers), the
       later ones use ``beta``. With ``scale: data`` the target is the mean per-pixel variance of the first
       ``DATA_EXAMPLES`` (10,000) training inputs without augmentation, the same on every rank.
     * ``on_fit_start``: moves Sigma to the module's device.
-    * ``on_train_batch_end``: after the optimizer step, reads the step's ``outputs`` (``x``; ``perturbation`` =
-      x_adv - x for source ``defense``) and updates Sigma. Updating here, not before the step, means the
-      perturbations of sources gradient/sign/fgsm/pgd are those of the weights the *next* step trains, which is
-      where the new Sigma is used; and ``defense`` perturbations exist only once the step has run. The scaled
-      Sigma the module holds is rewritten in place (the same object).
+    * ``on_train_batch_end``: after the optimizer step, reads the step's output (``outputs["step"]``: ``x``;
+      ``perturbation`` = x_adv - x for source ``defense``) and updates Sigma. Updating here, not before the step,
+      means the perturbations of sources gradient/sign/fgsm/pgd are those of the weights the *next* step trains,
+      which is where the new Sigma is used; and ``defense`` perturbations exist only once the step has run. The
+      scaled Sigma (:attr:`covariance`) is rewritten in place (the same object).
     * ``on_train_epoch_end`` and every ``log_every_n_steps`` batches (rank 0): logs the decay lengths
       (``covariance/decay_length_<c><c'>``), the covariance functions as a plot and, for ``full``, the matrix as
       an image (``callbacks/covariance_logging.py``); these read values back to the host, the updates do not.
@@ -49,9 +51,9 @@ class CovarianceTracker(pl.Callback):
     ``fgsm`` / ``pgd``: x_adv - x of FGSM / PGD (``steps``, ``step``) at budget ``eps`` (default: the module's eps)
     on the predicted label; all crafted with :func:`advtrain.attacks.attack_mode` (eval mode, modes restored) under the
     trainer's precision. PGD's random start draws from a private generator seeded by (step, rank), so the tracker
-    never moves the training's global RNG. SGR's own ``outputs["input_gradient"]`` is not reused: it is taken at the
-    true label, before the optimizer step, in train mode. ``defense``: the perturbation the defense made this step.
-    ``step_gradient``: that reused gradient (``outputs["input_gradient"]``, which SGR returns): free, where
+    never moves the training's global RNG. SGR's own ``input_gradient`` (its step output) is not reused: it is taken at
+    the true label, before the optimizer step, in train mode. ``defense``: the perturbation the defense made this step.
+    ``step_gradient``: that reused gradient (the step output's ``input_gradient``, which SGR returns): free, where
     ``gradient`` costs one more forward and input backward per update (about 1.1 clean steps at CIFAR shape,
     bench/sgr_cost.py), at the price of the true label and train mode (our option, not the paper's; for correctly
     classified examples the label is the prediction, and the sign of g does not enter xi xi^T).
@@ -99,7 +101,7 @@ class CovarianceTracker(pl.Callback):
         self.steps, self.step = steps, None if step is None else parse_budget(step, "step")
         self.log_every_n_steps = log_every_n_steps
         self.estimate: Covariance | None = None  # the running raw moments (the state)
-        self.covariance: Covariance | None = None  # what the module reads: the estimate scaled to the target
+        self.covariance: Covariance | None = None  # what SGR reads: the estimate scaled to the target
         self.target: Tensor | None = None  # the target mean diagonal (None for scale "none")
         self.batches = 0  # training batches seen
         self.updates = 0  # updates made
@@ -127,7 +129,6 @@ class CovarianceTracker(pl.Callback):
         self.covariance = self.estimate if self.target is None else self.estimate.scaled_to(self.target)
         if self._pending is not None:
             self.load_state_dict(self._pending)
-        pl_module.covariance = self.covariance
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._to(pl_module.device)
@@ -171,17 +172,17 @@ class CovarianceTracker(pl.Callback):
 
     def perturbations(self, trainer, pl_module, outputs, batch) -> Tensor:
         """This step's xi from the configured source (see the class docstring)."""
-        outputs = outputs if isinstance(outputs, dict) else {}
+        step = step_output(outputs)
         reused = {"defense": ("perturbation", "made no adversarial examples this step"),
                   "step_gradient": ("input_gradient", "returns no input gradient (as advtrain.defenses.SGR does)")}
         if self.source in reused:  # what the training step computed: nothing to craft
             key, missing = reused[self.source]
-            if key not in outputs:
+            value = None if step is None else getattr(step, key)
+            if value is None:
                 raise ValueError(f"CovarianceTracker source {self.source!r}: {type(pl_module).__name__} {missing} "
-                                 f"(no outputs['{key}']); choose source gradient, sign, fgsm or pgd")
-            return outputs[key]
-        x = outputs["x"] if "x" in outputs else batch[0]
-        x = x.detach()
+                                 f"(its step output has no {key}); choose source gradient, sign, fgsm or pgd")
+            return value
+        x = (batch[0] if step is None else step.x).detach()
         network = getattr(pl_module, "network", pl_module)
         bounds = tuple(getattr(pl_module, "input_bounds", (0.0, 1.0)))
         with torch.enable_grad(), attack_mode(network), trainer.precision_plugin.forward_context():
@@ -195,8 +196,7 @@ class CovarianceTracker(pl.Callback):
             eps = self._eps(pl_module)
             if self.source == "fgsm":
                 return fgsm(network, x, predicted, eps, bounds=bounds) - x
-            generator = torch.Generator(device=x.device).manual_seed(
-                1_000_003 * self.batches + trainer.global_rank)
+            generator = seeded_generator(x.device, self.batches, trainer.global_rank)
             return pgd(network, x, predicted, eps, step=self.step, steps=self.steps, bounds=bounds,
                        generator=generator) - x
 

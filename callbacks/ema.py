@@ -20,9 +20,10 @@ class EMA(WeightAveraging):
     On top of it:
 
     * ``attack_decay`` keeps a second, fast average (NuAT2-WA: 0.99) for the defense's attack; the
-      defense reads it with :meth:`attack_network` (None during the first epoch, as in NuAT2-WA where the
-      current model stands in for it). Its state is part of this callback's ``state_dict``.
-    * during validation the raw network is offered to the defense as an extra network, so TensorBoard
+      defense finds this callback in ``trainer.callbacks`` and reads :meth:`attack_network` (None during the first
+      epoch, as in NuAT2-WA where the current model stands in for it). Its state is part of this callback's
+      ``state_dict``.
+    * during validation the raw network is offered to the defense (:meth:`validation_networks`), so TensorBoard
       shows ``val/acc_robust_raw`` next to the averaged model's ``val/acc_robust``.
     * ``start_step`` delays the first update.
 
@@ -46,6 +47,7 @@ class EMA(WeightAveraging):
         self.decay, self.attack_decay, self.start_step = decay, attack_decay, start_step
         self._attack_model: AveragedModel | None = None
         self._trainer = None
+        self._validating = False
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
@@ -67,7 +69,6 @@ class EMA(WeightAveraging):
         if stage != "fit":
             return
         self._trainer = trainer
-        pl_module.weight_averaging = self
         averaged = [self._average_model]
         if self.attack_decay is not None:
             device = self._device or pl_module.device
@@ -86,12 +87,16 @@ class EMA(WeightAveraging):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
-        if self._average_model is not None:  # swapped: the module holds the average, this the raw weights
-            pl_module.extra_validation_networks = {"raw": self._average_model.module.network}
+        self._validating = self._average_model is not None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.extra_validation_networks = {}
+        self._validating = False
         super().on_validation_epoch_end(trainer, pl_module)
+
+    def validation_networks(self) -> dict[str, nn.Module]:
+        """While the average is validated (swapped into the module), the raw weights (here): the defense validates
+        them too, as ``val/acc_*_raw``."""
+        return {"raw": self._average_model.module.network} if self._validating else {}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self._average_model is not None:  # outside fit the checkpoint's state_dict already is the average

@@ -17,19 +17,18 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from advtrain.attacks import attack_mode
+from advtrain.attacks import attack_mode, stream_seed
 from advtrain.evaluation import craft, is_randomized
 from advtrain.evaluation.landscape import (
     AXIS_LABELS,
     NORMS,
     LatentHead,
-    _mix,
     attack_setting,
     landscape_directions,
     loss_surface,
     plot_surface,
 )
-from advtrain.networks.tucker import is_tensorized, keep_probability
+from advtrain.networks.randomness import declares_randomness, randomness_at, randomness_off
 
 __all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
 
@@ -56,7 +55,8 @@ class LossLandscape(pl.Callback):
       point with the randomness off (theta = 1) and eval-mode BatchNorm, ``d2`` a Gaussian direction seeded by
       (``seed``, i), orthogonal to ``d1``; both scaled to unit L-inf (or L2) norm. The same axes serve every
       theta, so the surfaces of one point are comparable.
-    * for each theta (every Tucker layer's keep probability set by ``keep_probability``, restored after),
+    * for each theta (every randomized module's level set by ``randomness_at``, e.g. Tucker layers' keep probability,
+      restored after),
       the loss at ``x + a d1 + b d2`` for ``a, b`` in ``linspace(-span, span, grid)`` (:func:`loss_surface`):
       not clamped to the input range (that would bend the plane; see :func:`loss_surface`), batched, without
       gradients, on the module's device, in eval mode. A randomized network (theta < 1, or any test-time
@@ -184,15 +184,15 @@ class LossLandscape(pl.Callback):
         return x.detach().clone(), torch.as_tensor(y).detach().clone()
 
     def _surfaces(self, model, centre: Tensor, y: Tensor, d1: Tensor, d2: Tensor, axis: Tensor, thetas: list[float],
-                  tensorized: bool, point_seed: int) -> dict:
+                  random: bool, point_seed: int) -> dict:
         """The surface of ``model`` around ``centre`` for each theta (averaged over ``draws`` when randomized)."""
         surfaces = {}
         for theta in thetas:
-            with keep_probability(model, theta), attack_mode(model):
-                randomized = (theta < 1.0 and tensorized) or is_randomized(model, centre.unsqueeze(0))
+            with randomness_at(model, theta), attack_mode(model):
+                randomized = (theta < 1.0 and random) or is_randomized(model, centre.unsqueeze(0))
                 draws = self.draws if randomized else 1
                 loss = loss_surface(model, centre, y, d1, d2, axis, axis, draws=draws, batch_size=self.batch_size,
-                                    seed=_mix(point_seed, round(theta * 1_000_000)))
+                                    seed=stream_seed(point_seed, round(theta * 1_000_000)))
             surfaces[_theta_name(theta)] = {"theta": theta, "draws": draws, "loss": loss.cpu().tolist()}
         return surfaces
 
@@ -202,17 +202,17 @@ class LossLandscape(pl.Callback):
         setting = attack_setting(self.attack, getattr(pl_module, "eps", None), "LossLandscape")
         bounds = tuple(float(b) for b in getattr(trainer.datamodule, "input_bounds", (0.0, 1.0)))
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        with keep_probability(network, 1.0), torch.enable_grad():
+        with randomness_off(network), torch.enable_grad():
             x_adv = craft(setting, network, x, y, generator, bounds).detach()
-        with torch.no_grad(), attack_mode(network), keep_probability(network, 1.0):
+        with torch.no_grad(), attack_mode(network), randomness_off(network):
             z_adv, logits = network.forward_with_latent(x_adv) if latent else (None, network(x_adv))
         return setting, x_adv, z_adv, logits.argmax(1)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         network = getattr(pl_module, "network", pl_module)
         thetas = self.thetas
-        tensorized = is_tensorized(network)
-        if not tensorized and thetas != [1.0]:
+        random = declares_randomness(network)
+        if not random and thetas != [1.0]:
             rank_zero_warn(f"LossLandscape: {type(network).__name__} has no Tucker layers, so theta has no effect; "
                            f"plotting theta = 1 only instead of {thetas}")
             thetas = [1.0]
@@ -228,8 +228,8 @@ class LossLandscape(pl.Callback):
                 setting, x_adv, z_adv, adv_prediction = self._adversarial(trainer, pl_module, network, x, y, latent)
             for i, index in enumerate(self.points):
                 xi, yi = x[i], y[i]
-                point_seed = _mix(self.seed, index)
-                with torch.no_grad(), attack_mode(network), keep_probability(network, 1.0):
+                point_seed = stream_seed(self.seed, index)
+                with torch.no_grad(), attack_mode(network), randomness_off(network):
                     prediction = int(network(xi.unsqueeze(0)).argmax(1).item())
                 entry = {"index": index, "label": int(yi), "prediction": prediction}
                 if adversarial:
@@ -238,12 +238,12 @@ class LossLandscape(pl.Callback):
                 if self.space != "latent":
                     centre = x_adv[i] if self.around == "adversarial" else xi
                     d1, d2 = landscape_directions(network, centre, yi, seed=point_seed, normalize=self.normalize)
-                    entry["thetas"] = self._surfaces(network, centre, yi, d1, d2, axis, thetas, tensorized, point_seed)
+                    entry["thetas"] = self._surfaces(network, centre, yi, d1, d2, axis, thetas, random, point_seed)
                 if latent:
-                    zi, latent_seed = z_adv[i], _mix(point_seed, 1)  # its own random direction, not the input's
+                    zi, latent_seed = z_adv[i], stream_seed(point_seed, 1)  # its own random direction, not the input's
                     e1, e2 = landscape_directions(head, zi, yi, seed=latent_seed, normalize=self.normalize)
                     entry["latent"] = {"latent_dim": zi.numel(), "thetas": self._surfaces(
-                        head, zi, yi, e1, e2, latent_axis, thetas, tensorized, latent_seed)}
+                        head, zi, yi, e1, e2, latent_axis, thetas, random, latent_seed)}
                 entries.append(entry)
         results = {"split": self.split, "span": self.span, "grid": self.grid, "normalize": self.normalize,
                    "seed": self.seed, "axes": {"alpha": AXIS_LABELS[0], "beta": AXIS_LABELS[1]},

@@ -15,9 +15,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import default_collate
 
-from advtrain.attacks import ATTACKS, AttackSetting, attack_mode
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode, seeded_generator
 from advtrain.evaluation import craft, is_randomized
-from advtrain.evaluation.landscape import _mix, _seeded, attack_setting
+from advtrain.evaluation.landscape import _seeded, attack_setting
 from advtrain.evaluation.latent_tsne import (
     ADVERSARIAL,
     CLEAN,
@@ -161,7 +161,7 @@ class LatentTSNE(pl.Callback):
             draws = self.draws if randomized else 1
             with torch.enable_grad():
                 x_adv = torch.cat([craft(setting, network, x[i:i + size], y[i:i + size],
-                                         torch.Generator(device=device).manual_seed(_mix(self.seed, i // size)),
+                                         seeded_generator(device, self.seed, i // size),
                                          bounds) for i in range(0, len(x), size)]).detach()
             # the same seeded draws for clean and adversarial inputs: their difference is the attack's, not chance's
             z_clean, p_clean = latents(network, x, draws, seed=self.seed, batch_size=size)

@@ -34,7 +34,7 @@ from advtrain.evaluation import (
     write_results,
 )
 from advtrain.evaluation.engine import metric_keys
-from advtrain.networks.tucker import is_tensorized
+from advtrain.networks.randomness import declares_randomness
 
 from .requeue import Requeue, stop_requested
 
@@ -199,7 +199,7 @@ class RobustnessEvaluation(pl.Callback):
             probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
             randomized = is_randomized(network, probe_x)
             draws = self.draws if randomized else 1
-            theta_one = randomized and self.sanity_checks and is_tensorized(network)
+            theta_one = randomized and self.sanity_checks and declares_randomness(network)
             runs, transfer = plan_runs(self.settings, network, surrogates, theta_one, self.sanity_settings)
             runs = [run._replace(setting=with_version(run.setting, randomized)) for run in runs]
             digest = model_hash(network)

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from advtrain.attacks import attack_mode, parse_budget, pgd
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 TERMS = ("lc", "smt", "gc", "gsmt", "conf")
 _CHUNK_ELEMENTS = 1 << 22  # the largest (rows, B, dim) block the chunked backward builds: 16 MB in float32
@@ -143,7 +144,7 @@ class ADR(AdversarialDefense):
 
     The network must have ``forward_with_latent(x) -> (z, logits)`` (z at its ``latent_layer``, flattened).
     Clean and adversarial batches go through separate forward passes in train mode, as in the TF code (each
-    batch has its own BatchNorm statistics). ``extras={"latent": z_adv}`` reaches the callbacks.
+    batch has its own BatchNorm statistics). ``latent=z_adv`` reaches the callbacks.
     """
 
     def __init__(self, *args, lc: float = 1.0, smt: float = 1.0, gc: float = 1.0, gsmt: float = 0.0,
@@ -175,7 +176,7 @@ class ADR(AdversarialDefense):
         with mode:
             return pgd(self.network, x, y, self.eps, step=self.step, steps=self.steps, bounds=self.input_bounds)
 
-    def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
+    def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
         x_adv = self.make_adversarial(x, y)
         z, logits = self.network.forward_with_latent(x)
         z_adv, logits_adv = self.network.forward_with_latent(x_adv)
@@ -187,4 +188,4 @@ class ADR(AdversarialDefense):
             parts[name] = value
             loss = loss + self.weights[name] * value
         return DefenseOutput(loss, parts, logits_clean=logits, logits_adv=logits_adv, x_adv=x_adv,
-                             extras={"latent": z_adv})
+                             latent=z_adv)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -11,21 +10,11 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from advtrain.attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode, is_randomized, parse_budget, seeded_generator
 
+from .outputs import DefenseOutput, StepOutput
 from .rng import gathered_rng_states, set_rng_states
-from .schedules import PerBatchLR, PiecewiseLinearLR, batches_per_epoch
-
-
-class DefenseOutput(NamedTuple):
-    """What a defense computes for one training batch."""
-
-    loss: Tensor
-    parts: dict[str, Tensor]  # every named term of the loss, logged as train/<name>
-    logits_clean: Tensor | None = None
-    logits_adv: Tensor | None = None
-    x_adv: Tensor | None = None  # the step's adversarial examples, if any: callbacks get x_adv - x
-    extras: dict[str, Tensor] | None = None  # more for callbacks (e.g. "latent": z), returned detached
+from .schedules import PerBatchLR
 
 
 def describe_network(network: nn.Module) -> str:
@@ -113,15 +102,19 @@ class AdversarialDefense(pl.LightningModule):
         self.val_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.val_acc_robust = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
-        # set by callbacks: a weight-averaging callback (EMA) and networks to validate besides self.network
-        self.weight_averaging = None
-        self.extra_validation_networks: dict[str, nn.Module] = {}
         self.loaded_checkpoint: dict | None = None  # epoch and step of the checkpoint the weights came from
-        self.batch_idx = 0
 
     # ---- the one method a defense implements -------------------------------------------------
-    def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
+    def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
+        """The loss of one training batch and its named parts (``x`` prepared for the network, ``batch_idx`` the
+        batch's index in its epoch)."""
         raise NotImplementedError(f"{type(self).__name__} must implement defense_loss")
+
+    def callback_with(self, attribute: str):
+        """The trainer's first callback that offers ``attribute`` (the EMA's ``attack_network``, the covariance
+        tracker's ``covariance``), or None: what a defense needs from a callback it looks up there."""
+        trainer = self._trainer
+        return None if trainer is None else next((cb for cb in trainer.callbacks if hasattr(cb, attribute)), None)
 
     # ---- helpers -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -139,15 +132,12 @@ class AdversarialDefense(pl.LightningModule):
             self.network.compile()
             self._compiled = True
 
-    def attack_generator(self, device: torch.device, seed: int) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(seed)
-
     # ---- Lightning hooks -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        """The defense's loss, logged; returns ``{"loss": ..., "step": StepOutput}`` (what callbacks read)."""
         x, y = batch
         x = self.prepare_input(x)
-        self.batch_idx = batch_idx
-        out = self.defense_loss(x, y)
+        out = self.defense_loss(x, y, batch_idx)
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.parts.items():
             self.log(f"train/{name}", value)
@@ -163,19 +153,7 @@ class AdversarialDefense(pl.LightningModule):
         if logits_clean is not None:
             self.train_acc_clean(logits_clean.detach(), y)
             self.log("train/acc_clean", self.train_acc_clean, on_step=True, on_epoch=True, prog_bar=True)
-        return self.step_outputs(x, y, out)
-
-    @staticmethod
-    def step_outputs(x: Tensor, y: Tensor, out: DefenseOutput) -> dict[str, Tensor]:
-        """What ``training_step`` returns, and callbacks read as ``outputs`` in ``on_train_batch_end`` without
-        another forward: ``loss``, ``x``, ``y``, ``perturbation`` (x_adv - x, when the defense made adversarial
-        examples) and the defense's ``extras``; everything but the loss is detached."""
-        outputs = {"loss": out.loss, "x": x.detach(), "y": y}
-        if out.x_adv is not None:
-            outputs["perturbation"] = (out.x_adv - x).detach()
-        for name, value in (out.extras or {}).items():
-            outputs[name] = value.detach()
-        return outputs
+        return {"loss": out.loss, "step": StepOutput.of(x, y, out)}
 
     @property
     def input_bounds(self) -> tuple[float, float]:
@@ -196,8 +174,17 @@ class AdversarialDefense(pl.LightningModule):
         setting = self.val_setting if draws == 1 else replace(self.val_setting, eot=self.val_eot)
         # the evaluation loop runs under no_grad (trainer.inference_mode must be False)
         with torch.enable_grad(), attack_mode(network):
-            generator = self.attack_generator(x.device, self.val_seed * 1_000_003 + batch_idx)
+            generator = seeded_generator(x.device, self.val_seed, batch_idx)
             return setting.run(network, x, y, generator=generator, bounds=self.input_bounds)
+
+    def validation_networks(self) -> dict[str, nn.Module]:
+        """Networks to validate besides ``self.network``, from the callbacks that offer them (the EMA: the raw
+        weights while the average is validated), by name (logged as ``val/acc_*_<name>``)."""
+        trainer = self._trainer
+        networks = {}
+        for callback in trainer.callbacks if trainer is not None else []:
+            networks.update(getattr(callback, "validation_networks", dict)())
+        return networks
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -212,7 +199,7 @@ class AdversarialDefense(pl.LightningModule):
                 self.val_acc_robust(self.network(x_adv), y)
         self.log("val/acc_clean", self.val_acc_clean, prog_bar=True)
         self.log("val/acc_robust", self.val_acc_robust, prog_bar=True)
-        for name, network in self.extra_validation_networks.items():
+        for name, network in self.validation_networks().items():
             x_adv = self._validation_attack(network, x, y, batch_idx, draws)
             with torch.no_grad(), attack_mode(network):
                 clean_ok = sum((network(x).argmax(1) == y).float().mean() for _ in range(draws)) / draws
@@ -244,9 +231,8 @@ class AdversarialDefense(pl.LightningModule):
                 raise ValueError("a learning-rate schedule stepped every batch needs trainer.max_epochs to be set")
             return self.trainer.estimated_stepping_batches / max_epochs
 
-        with batches_per_epoch(steps_per_epoch):
-            scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, PiecewiseLinearLR):
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, PerBatchLR):
             scheduler.set_steps_per_epoch(steps_per_epoch())
         interval = "step" if isinstance(scheduler, PerBatchLR) else "epoch"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

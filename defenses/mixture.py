@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 MIXTURE_ATTACKS = ("fgsm", "pgd")
 
@@ -66,7 +67,7 @@ class MixtureAT(AdversarialDefense):
                 return fgsm(self.network, x, labels, self.eps, bounds=self.input_bounds)
             return pgd(self.network, x, labels, self.eps, step=self.step, steps=self.steps, bounds=self.input_bounds)
 
-    def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
+    def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
         x_adv = self.make_adversarial(x, self.predicted_labels(x))
         logits_clean = self.network(x)
         logits_adv = self.network(x_adv)

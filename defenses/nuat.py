@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from advtrain.attacks import attack_mode, nuclear_norm, nuclear_norm_step, nuclear_two_step, parse_budget
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 
 class LinearRamp:
@@ -93,15 +94,16 @@ class NuAT(AdversarialDefense):
     def fast_ema_network(self):
         if not self.attack_on_ema:
             return None
-        if self.weight_averaging is None or self.weight_averaging.attack_decay is None:
+        ema = self.callback_with("attack_network")  # callbacks.EMA
+        if ema is None or ema.attack_decay is None:
             raise RuntimeError("attack_on_ema needs the advtrain.callbacks.EMA callback with attack_decay set "
                                "(e.g. trainer.callbacks: [{class_path: advtrain.callbacks.EMA, init_args: "
                                "{decay: 0.9998, attack_decay: 0.99}}])")
-        return self.weight_averaging.attack_network()
+        return ema.attack_network()
 
-    def make_adversarial(self, x, y, clean_logits, lam):
+    def make_adversarial(self, x, y, clean_logits, lam, batch_idx):
         every = self.nuclear_every_this_epoch()
-        use_nuclear = self.batch_idx % every == every - 1
+        use_nuclear = batch_idx % every == every - 1  # the official scripts: the odd batches of an epoch
         common = dict(clean_logits=clean_logits, lam=lam, start_scale=self.start_scale, use_nuclear=use_nuclear,
                       bounds=self.input_bounds)
         if self.steps_this_epoch() == 1:
@@ -116,10 +118,10 @@ class NuAT(AdversarialDefense):
             return nuclear_two_step(self.network, x, y, self.eps, first_model=first,
                                     first_clean_logits=first_logits, **common)
 
-    def defense_loss(self, x, y):
+    def defense_loss(self, x, y, batch_idx):
         lam = self.current_lambda()
         logits_clean = self.network(x)
-        x_adv = self.make_adversarial(x, y, logits_clean.detach(), lam)
+        x_adv = self.make_adversarial(x, y, logits_clean.detach(), lam, batch_idx)
         logits_adv = self.network(x_adv)
         ce = F.cross_entropy(logits_clean.float(), y)
         nuclear = nuclear_norm(logits_adv.float() - logits_clean.float()) / x.shape[0]

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from advtrain.attacks import attack_mode, fgsm, fgsm_rs, parse_budget, pgd
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 TRAINING_ATTACKS = ("pgd", "fgsm", "fgsm_rs")
 
@@ -50,7 +51,7 @@ class PGDAT(AdversarialDefense):
             return pgd(self.network, x, y, self.eps, step=self.step, steps=self.steps, norm=self.norm,
                        bounds=self.input_bounds)
 
-    def defense_loss(self, x, y):
+    def defense_loss(self, x, y, batch_idx):
         x_adv = self.make_adversarial(x, y)
         logits_adv = self.network(x_adv)
         ce = F.cross_entropy(logits_adv.float(), y)

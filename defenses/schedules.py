@@ -1,43 +1,25 @@
 """Learning-rate schedules that are written in (fractional) epochs but stepped every batch.
 
-The number of batches per epoch is only known once training starts: ``configure_optimizers`` builds the scheduler
-inside :func:`batches_per_epoch` (a lazily evaluated provider), or calls :meth:`PiecewiseLinearLR.set_steps_per_epoch`.
-Every scheduler here derives from :class:`PerBatchLR`, which tells ``configure_optimizers`` to step it every batch.
+The number of batches per epoch is only known once training starts: the defense's ``configure_optimizers`` builds
+the scheduler from the config, then tells it that number (:meth:`PerBatchLR.set_steps_per_epoch`) and steps it
+every batch. A scheduler built by hand can be given ``steps_per_epoch`` at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 import numpy as np
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, MultiplicativeLR, SequentialLR
 
-_BATCHES_PER_EPOCH: ContextVar[Callable[[], float] | None] = ContextVar("batches_per_epoch", default=None)
-
-
-@contextmanager
-def batches_per_epoch(provider: Callable[[], float]) -> Iterator[None]:
-    """Schedulers built inside this block ask ``provider()`` for the number of (optimizer) steps per epoch."""
-    token = _BATCHES_PER_EPOCH.set(provider)
-    try:
-        yield
-    finally:
-        _BATCHES_PER_EPOCH.reset(token)
-
-
-def current_batches_per_epoch(name: str) -> float:
-    provider = _BATCHES_PER_EPOCH.get()
-    if provider is None:
-        raise RuntimeError(f"{name} is written in epochs and stepped every batch: build it in the defense's "
-                           "configure_optimizers (which knows the batches per epoch), or pass steps_per_epoch")
-    return float(provider())
-
 
 class PerBatchLR:
-    """Marks a scheduler that the defense steps after every batch (Lightning interval "step")."""
+    """A scheduler written in epochs and stepped every batch (Lightning interval "step"): ``configure_optimizers``
+    calls :meth:`set_steps_per_epoch` before the first step."""
+
+    def set_steps_per_epoch(self, steps_per_epoch: float) -> None:
+        raise NotImplementedError
 
 
 class PiecewiseLinearLR(PerBatchLR, LambdaLR):
@@ -114,7 +96,8 @@ class CyclicLRInEpochs(PerBatchLR, SequentialLR):
         up_epochs, down_epochs: the triangle's slopes, in epochs.
         stop_epoch: the epoch from which the cycle is no longer stepped (None: always stepped).
         milestones: epochs (> stop_epoch) from which the lr is multiplied by ``gamma``.
-        steps_per_epoch: optimizer steps per epoch; None (configs): told by ``configure_optimizers``.
+        steps_per_epoch: optimizer steps per epoch; None (configs): the defense's ``configure_optimizers`` tells it
+            (:meth:`set_steps_per_epoch`), and the schedule is built then.
     """
 
     def __init__(self, optimizer: Optimizer, max_lr: float, up_epochs: float, down_epochs: float,
@@ -129,22 +112,41 @@ class CyclicLRInEpochs(PerBatchLR, SequentialLR):
         if stop_epoch is not None and (stop_epoch <= 0 or any(m <= stop_epoch for m in milestones)):
             raise ValueError(f"CyclicLRInEpochs needs 0 < stop_epoch < every milestone, got stop_epoch={stop_epoch}, "
                              f"milestones={milestones}")
-        if steps_per_epoch is None:
-            steps_per_epoch = current_batches_per_epoch(type(self).__name__)
+        self._settings = dict(optimizer=optimizer, max_lr=max_lr, up_epochs=up_epochs, down_epochs=down_epochs,
+                              base_lr=base_lr, stop_epoch=stop_epoch, milestones=milestones, gamma=gamma,
+                              cycle_momentum=cycle_momentum, base_momentum=base_momentum, max_momentum=max_momentum)
+        self.steps_per_epoch = None
+        if steps_per_epoch is not None:
+            self.set_steps_per_epoch(steps_per_epoch)
+
+    def set_steps_per_epoch(self, steps_per_epoch: float) -> None:
+        """Build the schedule for ``steps_per_epoch`` optimizer steps per epoch (the cycle's lr is set at once)."""
         if steps_per_epoch <= 0:
             raise ValueError(f"CyclicLRInEpochs needs steps_per_epoch > 0, got {steps_per_epoch}")
+        if self.steps_per_epoch is not None:
+            raise RuntimeError("CyclicLRInEpochs was already told its steps per epoch")
         self.steps_per_epoch = float(steps_per_epoch)
-        cyclic = CyclicLR(optimizer, base_lr=base_lr, max_lr=max_lr, step_size_up=up_epochs * self.steps_per_epoch,
-                          step_size_down=down_epochs * self.steps_per_epoch, cycle_momentum=cycle_momentum,
-                          base_momentum=base_momentum, max_momentum=max_momentum)
-        if stop_epoch is None:
-            super().__init__(optimizer, [cyclic], milestones=[])
+        s = self.__dict__.pop("_settings")  # not scheduler state: it would take the optimizer into checkpoints
+        optimizer = s["optimizer"]
+        cyclic = CyclicLR(optimizer, base_lr=s["base_lr"], max_lr=s["max_lr"],
+                          step_size_up=s["up_epochs"] * self.steps_per_epoch,
+                          step_size_down=s["down_epochs"] * self.steps_per_epoch, cycle_momentum=s["cycle_momentum"],
+                          base_momentum=s["base_momentum"], max_momentum=s["max_momentum"])
+        if s["stop_epoch"] is None:
+            SequentialLR.__init__(self, optimizer, [cyclic], milestones=[])
             return
         # SequentialLR hands step number `switch` to the second scheduler: CyclicLR takes its last step, the one
         # that gives the lr of the batches from stop_epoch on, at step_of(stop_epoch), so the switch is one later
-        switch = self.step_of(stop_epoch) + 1
-        decay = MultiplicativeLR(optimizer, MultiplyAt([self.step_of(m) - switch for m in milestones], gamma))
-        super().__init__(optimizer, [cyclic, decay], milestones=[switch])
+        switch = self.step_of(s["stop_epoch"]) + 1
+        decay = MultiplicativeLR(optimizer, MultiplyAt([self.step_of(m) - switch for m in s["milestones"]],
+                                                       s["gamma"]))
+        SequentialLR.__init__(self, optimizer, [cyclic, decay], milestones=[switch])
+
+    def step(self, *args, **kwargs):
+        if self.steps_per_epoch is None:
+            raise RuntimeError("CyclicLRInEpochs is written in epochs and stepped every batch: tell it the batches "
+                               "per epoch first (set_steps_per_epoch; the defense's configure_optimizers does)")
+        return super().step(*args, **kwargs)
 
     def step_of(self, epoch: float) -> int:
         """The scheduler step at which ``epoch`` begins."""

@@ -9,8 +9,7 @@ The loss (eq. 11) is
     L = E[-log p_y(x)] + lam * Omega,     Omega = 1/2 E_i[ g_i^T Sigma g_i ],     g_i = grad_x log p_{y_i}(x_i),
 
 g_i the input gradient of each example's own log-likelihood at its TRUE label, Sigma the raw second moments of
-adversarial perturbations kept by :class:`~advtrain.callbacks.CovarianceTracker` (``pl_module.covariance``, an object
-with
+adversarial perturbations kept by :class:`~advtrain.callbacks.CovarianceTracker` (its ``covariance``: an object with
 ``matvec(g)`` and ``mean``). The uncentred variant (eq. 12) adds ``-E_i[g_i^T mu]``, mu the running mean
 perturbation. Omega is differentiated with respect to the weights by double backprop
 (``torch.autograd.grad(..., create_graph=True)``).
@@ -25,7 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from advtrain.networks.wrapper import temporarily_set
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 SIGMAS = ("tracked", "identity")
 BATCHNORM_POLICIES = ("eval", "error")
@@ -74,7 +74,7 @@ class SGR(AdversarialDefense):
         lam: the regularization strength lambda. The paper's best values are lost (docs/methods.md): our default 1.
             With Sigma scaled to the data's mean variance (the tracker's ``scale: data``, arXiv) lambda reads as a
             noise-to-signal ratio.
-        sigma: ``tracked``: Sigma is ``self.covariance``, set by :class:`~advtrain.callbacks.CovarianceTracker` in setup
+        sigma: ``tracked``: Sigma is ``self.covariance``, the :class:`~advtrain.callbacks.CovarianceTracker`'s
             (fit refuses to start without it); ``identity``: Sigma = I, which is GN (:class:`GN`).
         uncentred: add the mean correction of eq. 12, ``-mean_i g_i^T mu`` with mu = ``self.covariance.mean``
             (also needs the tracker); the paper found it small, so it is off by default.
@@ -108,8 +108,14 @@ class SGR(AdversarialDefense):
         if batchnorm not in BATCHNORM_POLICIES:
             raise ValueError(f"unknown batchnorm policy {batchnorm!r}; choose one of {', '.join(BATCHNORM_POLICIES)}")
         self.lam, self.sigma, self.uncentred, self.batchnorm = float(lam), sigma, bool(uncentred), batchnorm
-        # Sigma: set by callbacks.CovarianceTracker in its setup (the one attribute it hands over), kept updated
-        self.covariance = None
+        self.fixed_covariance = None  # a Sigma given by hand, for use without a trainer
+
+    @property
+    def covariance(self):
+        """Sigma: the covariance tracker's (a callback offering ``covariance``, found in ``trainer.callbacks``),
+        kept updated by it; without one, ``fixed_covariance``."""
+        tracker = self.callback_with("covariance")
+        return tracker.covariance if tracker is not None else self.fixed_covariance
 
     @property
     def needs_covariance(self) -> bool:
@@ -140,7 +146,7 @@ class SGR(AdversarialDefense):
             return g
         return self.covariance.matvec(g)
 
-    def defense_loss(self, x: Tensor, y: Tensor) -> DefenseOutput:
+    def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
         batchnorms = train_mode_batchnorms(self.network)  # module flags, not tensor values: no sync
         if not batchnorms:
             logits, log_likelihood, g = log_likelihood_gradient(self.network, x, y)
@@ -162,7 +168,7 @@ class SGR(AdversarialDefense):
             regularizer = regularizer + mean_term
             parts["mean_term"] = mean_term
         loss = ce + self.lam * regularizer
-        return DefenseOutput(loss, parts, logits_clean=logits, extras={"input_gradient": g.detach()})
+        return DefenseOutput(loss, parts, logits_clean=logits, input_gradient=g.detach())
 
 
 class GN(SGR):

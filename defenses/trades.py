@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from advtrain.attacks import attack_mode, kl_from, parse_budget, projected_gradient
 
-from .base import AdversarialDefense, DefenseOutput
+from .base import AdversarialDefense
+from .outputs import DefenseOutput
 
 
 class TRADES(AdversarialDefense):
@@ -40,7 +41,7 @@ class TRADES(AdversarialDefense):
                                       loss=kl_from(clean_logits), start="normal", start_scale=0.001,
                                       bounds=self.input_bounds)
 
-    def defense_loss(self, x, y):
+    def defense_loss(self, x, y, batch_idx):
         x_adv = self.make_adversarial(x, y)
         logits_clean = self.network(x)
         logits_adv = self.network(x_adv)

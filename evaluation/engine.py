@@ -20,12 +20,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from advtrain.attacks import AttackSetting
+from advtrain.attacks import AttackSetting, seeded_generator
 from advtrain.attacks.metrics import METRICS
 
 from .threat import craft
-
-SEED_MIX = 1_000_003
 
 
 class Run(NamedTuple):
@@ -86,7 +84,7 @@ def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, ba
         if on_run is not None:
             on_run(i)
         t0 = time.perf_counter()
-        generator = torch.Generator(device=x.device).manual_seed((seed * SEED_MIX + i) * SEED_MIX + batch_idx)
+        generator = seeded_generator(x.device, seed, i, batch_idx)
         x_adv = craft(setting, source, x, y, generator, bounds)
         adv_ok = correct(network, x_adv, y, draws)
         robust.append(adv_ok if draws > 1 else clean_ok & adv_ok)

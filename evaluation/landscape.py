@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.attacks import ATTACKS, AttackSetting, attack_mode
-from advtrain.networks.tucker import keep_probability
+from advtrain.attacks import ATTACKS, AttackSetting, attack_mode, stream_seed
+from advtrain.networks.randomness import randomness_off
 
 __all__ = ["LatentHead", "attack_setting", "landscape_directions", "loss_surface", "plot_surface"]
 
@@ -25,9 +25,6 @@ NORMS = ("linf", "l2")
 AXIS_LABELS = ("gradient direction", "random orthogonal direction")
 
 
-def _mix(seed: int, index: int) -> int:
-    """A seed for stream ``index`` of ``seed`` (one per point, per draw), kept below 2**63."""
-    return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
 def _scaled(d: Tensor, normalize: str) -> Tensor:
@@ -53,7 +50,7 @@ def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
 class LatentHead(nn.Module):
     """``forward(z) = network.logits_from_latent(z)``: the rest of the network from its latent layer, as a module
     of z (flattened, ``(B, latent_dim)``), so that :func:`landscape_directions` and :func:`loss_surface` draw the
-    loss surface with respect to z. The network is a submodule, so ``attack_mode`` and ``keep_probability``
+    loss surface with respect to z. The network is a submodule, so ``attack_mode`` and ``randomness_off``
     reach every one of its layers."""
 
     def __init__(self, network: nn.Module):
@@ -99,7 +96,7 @@ def landscape_directions(network: nn.Module, x: Tensor, y: Tensor | int, seed: i
         raise ValueError(f"normalize must be one of {NORMS}, got {normalize!r}")
     if x.numel() < 2:
         raise ValueError("a 2-D landscape needs an input with at least 2 elements (two orthogonal directions)")
-    with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), keep_probability(network, 1.0):
+    with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), randomness_off(network):
         point = x.detach().clone().unsqueeze(0).requires_grad_(True)
         target = torch.as_tensor(y, device=x.device).detach().clone().reshape(1).long()
         loss = F.cross_entropy(network(point).float(), target)
@@ -126,7 +123,7 @@ def loss_surface(network: nn.Module, x: Tensor, y: Tensor | int, d1: Tensor, d2:
 
     ``x``, ``d1`` and ``d2`` have the shape of one example (no batch dimension). The grid is evaluated in
     batches of ``batch_size`` grid points, without gradients, with every submodule in eval mode (restored
-    afterwards), and with the network as it is (wrap the call in ``keep_probability`` to choose theta).
+    afterwards), and with the network as it is (wrap the call in ``randomness_at`` to choose theta).
 
     The inputs are deliberately *not* clamped to the valid input range: clamping would make the surface a
     non-linear function of the grid coordinates even for a linear model (flat wherever a pixel saturates)
@@ -157,7 +154,7 @@ def loss_surface(network: nn.Module, x: Tensor, y: Tensor | int, d1: Tensor, d2:
             for start in range(0, n_a * n_b, batch_size):
                 stop = min(start + batch_size, n_a * n_b)
                 inputs = x + grid_a[start:stop] * d1 + grid_b[start:stop] * d2
-                with _seeded(x.device, None if seed is None else _mix(seed, k)):
+                with _seeded(x.device, None if seed is None else stream_seed(seed, k)):
                     logits = network(inputs)
                 loss = F.cross_entropy(logits.float(), target.expand(stop - start), reduction="none")
                 total[start:stop] += loss.double()

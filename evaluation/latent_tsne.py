@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from advtrain.attacks import attack_mode
+from advtrain.attacks import attack_mode, stream_seed
 
-from .landscape import _mix, _seeded
+from .landscape import _seeded
 
 __all__ = ["CLEAN", "ADVERSARIAL", "embed", "latents", "plot_embedding", "prediction_entropy", "select_points"]
 
@@ -46,7 +46,7 @@ def latents(network: nn.Module, x: Tensor, draws: int = 1, seed: int | None = No
     z_sum, p_sum = None, None
     with attack_mode(network):
         for k in range(draws):
-            with _seeded(x.device, None if seed is None else _mix(seed, k)):
+            with _seeded(x.device, None if seed is None else stream_seed(seed, k)):
                 parts = [network.forward_with_latent(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
             z = torch.cat([part[0].flatten(1).float() for part in parts])
             p = torch.cat([part[1].float().softmax(1) for part in parts])

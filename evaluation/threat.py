@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from advtrain.attacks import AttackSetting, attack_mode
 from advtrain.attacks.surrogates import use_bpda, use_surrogate
-from advtrain.networks.tucker import randomness_off
+from advtrain.networks.randomness import randomness_off
 
 
 def craft(setting: AttackSetting, source: nn.Module, x: Tensor, y: Tensor,

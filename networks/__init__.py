@@ -18,12 +18,13 @@ from .latent import LatentNetwork
 from .madry_resnet import MadryResNet
 from .normalize import Normalize
 from .preact_resnet import PreActResNet18
+from .randomness import declares_randomness, randomness_at, randomness_off
 from .resnet import ResNet18
 from .soundnet import SoundNet5
 from .squeeze import FeatureSqueezing
 from .tensorize import Tensorized, tensorize
 from .torchvision_net import IMAGENET_MEAN, IMAGENET_STD, TorchvisionNet
-from .tucker import TuckerConv, TuckerLinear, is_tensorized, keep_probability, randomness_off
+from .tucker import TuckerConv, TuckerLinear, is_tensorized, keep_probability
 from .wide_resnet import WideResNet
 
 # Per-channel statistics of the training sets, in [0, 1] units.
@@ -60,6 +61,8 @@ __all__ = [
     "is_tensorized",
     "keep_probability",
     "randomness_off",
+    "randomness_at",
+    "declares_randomness",
     "sign_surrogate",
     "sign_with_surrogate",
     "tensorize",

@@ -108,8 +108,11 @@ class TuckerLayer(nn.Module):
 
     ``weight`` is a property: each access rebuilds the weight with a fresh draw of the masks (when theta < 1),
     so code written for ``nn.Conv2d``/``nn.Linear`` that reads ``layer.weight`` once per forward (the XNOR
-    layers, for instance) sees the randomized weight.
+    layers, for instance) sees the randomized weight. ``RANDOMNESS``: theta sets the randomness, 1 turns it off
+    (``networks/randomness.py``).
     """
+
+    RANDOMNESS = ("theta", 1.0)
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rank: Rank, theta: float, min_dim: int,
                  decompose: bool, n_iter: int):
@@ -269,11 +272,6 @@ def keep_probability(module: nn.Module, theta: float) -> Iterator[nn.Module]:
     """Temporarily set every Tucker layer's keep probability to ``theta`` (restored on exit)."""
     with temporarily_set(tucker_layers(module), "theta", _check_theta(theta)):
         yield module
-
-
-def randomness_off(module: nn.Module):
-    """Context manager: the deterministic network (theta = 1), for the omniscient attacker and debugging."""
-    return keep_probability(module, 1.0)
 
 
 def is_tensorized(module: nn.Module) -> bool:

@@ -171,7 +171,7 @@ def test_with_every_term_off_adr_is_the_half_half_mixture_and_weights_add_up(bat
     net = LatentMLP()
     off = ADR(net, eps=0.1, steps=3, lc=0, smt=0, gc=0, gsmt=0, conf=0)
     torch.manual_seed(1)
-    out = off.defense_loss(x, y)
+    out = off.defense_loss(x, y, 0)
     mixture = 0.5 * F.cross_entropy(net(x), y) + 0.5 * F.cross_entropy(net(out.x_adv), y)
     assert set(out.parts) == {"ce_clean", "ce_adv"}
     assert torch.allclose(out.loss, mixture)
@@ -179,7 +179,7 @@ def test_with_every_term_off_adr_is_the_half_half_mixture_and_weights_add_up(bat
 
     on = ADR(net, eps=0.1, steps=3, lc=2.0, smt=0.5, gc=1.0, gsmt=0.25, conf=3.0)
     torch.manual_seed(1)
-    out_on = on.defense_loss(x, y)
+    out_on = on.defense_loss(x, y, 0)
     assert torch.equal(out_on.x_adv, out.x_adv)  # same seed, same attack
     z, logits = net.forward_with_latent(x)
     z_adv, logits_adv = net.forward_with_latent(out.x_adv)
@@ -187,7 +187,7 @@ def test_with_every_term_off_adr_is_the_half_half_mixture_and_weights_add_up(bat
     expected = mixture + 2 * terms["lc"] + 0.5 * terms["smt"] + terms["gc"] + 0.25 * terms["gsmt"] + 3 * terms["conf"]
     assert torch.allclose(out_on.loss, expected)
     assert set(out_on.parts) == {"ce_clean", "ce_adv", "lc", "smt", "gc", "gsmt", "conf"}
-    assert torch.equal(out_on.extras["latent"], z_adv)
+    assert torch.equal(out_on.latent, z_adv)
 
 
 def test_crafting_mode_eval_by_default_train_mode_as_the_tf_code_keeps_running_statistics(batch):
@@ -240,8 +240,8 @@ def test_adr_trains_on_digits_logs_every_term_and_hands_the_latent_to_callbacks(
     for name in ("loss", "ce_clean", "ce_adv", "lc", "smt", "gc", "gsmt", "conf"):
         assert torch.isfinite(metrics[f"train/{name}"]), name
     assert len(keep.outputs) == 3
-    assert keep.outputs[-1]["latent"].shape == (32, 16) and not keep.outputs[-1]["latent"].requires_grad
-    assert keep.outputs[-1]["perturbation"].abs().max() <= 0.1 + 1e-6
+    assert keep.outputs[-1]["step"].latent.shape == (32, 16) and not keep.outputs[-1]["step"].latent.requires_grad
+    assert keep.outputs[-1]["step"].perturbation.abs().max() <= 0.1 + 1e-6
 
 
 # ---------------------------------------------------------------- targeted BIM and MIM

@@ -128,7 +128,7 @@ def test_imagenet100_nuat_wa_recipe_runs_on_a_fixture_folder(tmp_path, monkeypat
         "--data.init_args.resize_size=36", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
         "--data.init_args.batch_size=4", "--data.init_args.val_size=4",
         "--model.init_args.network.init_args.num_classes=4")
-    assert type(fit.model).__name__ == "NuAT" and fit.model.weight_averaging is not None
+    assert type(fit.model).__name__ == "NuAT" and fit.model.callback_with("attack_network") is not None
     assert fit.trainer.global_step == 2  # 8 training images in batches of 4
     assert results["n"] == 8 and results["network"] == "TorchvisionNet"
 

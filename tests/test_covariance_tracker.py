@@ -23,20 +23,20 @@ from advtrain.attacks import pgd
 from advtrain.attacks.covariance import StationaryCovariance, make_covariance
 from advtrain.callbacks import CovarianceTracker
 from advtrain.datamodules import Digits
-from advtrain.defenses import PGDAT, Standard
+from advtrain.defenses import PGDAT, Standard, StepOutput
 
 FAST = dict(accelerator="cpu", enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
             limit_val_batches=0, max_epochs=1)
 
 
 class Recorder(pl.Callback):
-    """Keeps each step's outputs["perturbation"] (placed after the tracker, it sees the same step)."""
+    """Keeps each step's outputs["step"].perturbation (placed after the tracker, it sees the same step)."""
 
     def __init__(self):
         self.perturbations = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.perturbations.append(outputs["perturbation"].clone())
+        self.perturbations.append(outputs["step"].perturbation.clone())
 
 
 def digits_variance() -> float:
@@ -68,8 +68,7 @@ def test_tracker_is_the_ema_of_the_defense_perturbations_scaled_to_the_data_vari
         moment = flat.T @ flat / len(flat)
         expected = moment if expected is None else 0.7 * expected + 0.3 * moment
     torch.testing.assert_close(full.estimate.matrix.double(), expected, rtol=1e-5, atol=1e-8)
-    # what the module reads: the estimate scaled to the data's mean variance (arXiv), the same object throughout
-    assert module.covariance is stationary.covariance  # each tracker sets it in setup: the last one listed wins
+    # what SGR reads (``covariance``): the estimate scaled to the data's mean variance (arXiv)
     variance = digits_variance()
     assert float(full.target) == pytest.approx(variance, rel=1e-5)
     assert float(full.covariance.mean_diagonal()) == pytest.approx(variance, rel=1e-5)
@@ -87,7 +86,8 @@ def test_sigma_is_there_before_the_first_step_and_starts_as_scaled_identity():
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
-                seen.append(pl_module.covariance.to_dense().clone())
+                tracker = next(cb for cb in trainer.callbacks if isinstance(cb, CovarianceTracker))
+                seen.append(tracker.covariance.to_dense().clone())
 
     tracker = CovarianceTracker(source="defense", representation="stationary")
     fit_pgdat([Probe(), tracker], batches=1)
@@ -150,13 +150,13 @@ def test_update_every_freeze_and_fixed_sigma(tmp_path):
     gen = torch.Generator().manual_seed(8)
     batches = [torch.randn(5, 1, 8, 8, generator=gen) for _ in range(10)]
     for i, xi in enumerate(batches):
-        tracker.on_train_batch_end(trainer, module, {"perturbation": xi}, None, i)
+        tracker.on_train_batch_end(trainer, module, {"step": StepOutput(xi, None, perturbation=xi)}, None, i)
     assert tracker.batches == 10 and tracker.updates == 3  # batches 1, 4 and 7; frozen after 7
     reference = make_covariance("full", (1, 8, 8))
     for k, index in enumerate((0, 3, 6)):
         reference.update(batches[index], 1.0 if k == 0 else 0.5)
     assert torch.equal(tracker.estimate.matrix, reference.matrix)
-    assert module.covariance is tracker.estimate  # scale "none": the raw moments
+    assert tracker.covariance is tracker.estimate  # scale "none": the raw moments
     rng = torch.get_rng_state()
     scaled = CovarianceTracker(source="defense")
     scaled.setup(trainer, module, "fit")  # scale "data": reads the training data, leaves the global RNG alone
@@ -168,10 +168,10 @@ def test_update_every_freeze_and_fixed_sigma(tmp_path):
     fixed = CovarianceTracker(source="defense", representation="full", fixed_path=str(tmp_path / "sigma.pt"),
                               scale="unit")
     fixed.setup(trainer, module, "fit")
-    before = module.covariance.to_dense().clone()
+    before = fixed.covariance.to_dense().clone()
     torch.testing.assert_close(before.double(), matrix / matrix.diagonal().mean(), rtol=1e-5, atol=1e-7)
-    fixed.on_train_batch_end(trainer, module, {"perturbation": batches[0]}, None, 0)
-    assert fixed.updates == 0 and torch.equal(module.covariance.to_dense(), before)
+    fixed.on_train_batch_end(trainer, module, {"step": StepOutput(batches[0], None, batches[0])}, None, 0)
+    assert fixed.updates == 0 and torch.equal(fixed.covariance.to_dense(), before)
 
 
 @pytest.mark.parametrize("representation", ["stationary", "full"])
@@ -185,8 +185,8 @@ def test_updates_and_sigma_g_make_no_host_sync(counter, representation):  # noqa
     tracker.setup(trainer, module, "fit")
     with counter.counting():
         for i in range(3):
-            tracker.on_train_batch_end(trainer, module, {"x": x, "y": wrong}, (x, wrong), i)
-            module.covariance.matvec(x)
+            tracker.on_train_batch_end(trainer, module, {"step": StepOutput(x, wrong)}, (x, wrong), i)
+            tracker.covariance.matvec(x)
     assert tracker.updates == 3
     assert not counter.counts, counter.report()
 
@@ -258,7 +258,7 @@ class GlobalBatchReference(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         tracker = self._tracker(trainer)
-        xi = outputs["perturbation"]
+        xi = outputs["step"].perturbation
         gathered = [torch.empty_like(xi) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, xi)
         if self.global_estimate is None:
@@ -305,7 +305,7 @@ def test_step_gradient_source_reuses_the_sgr_steps_own_input_gradients():
             self.gradients = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.gradients.append(outputs["input_gradient"].clone())
+            self.gradients.append(outputs["step"].input_gradient.clone())
 
     tracker = CovarianceTracker(source="step_gradient", representation="full", beta=0.5, scale="none")
     recorder = GradientRecorder()

@@ -26,7 +26,7 @@ class BNNet(nn.Module):
 def test_standard_loss_is_cross_entropy(batch):
     torch.manual_seed(0)
     model = Standard(network=BNNet())
-    out = model.defense_loss(*batch)
+    out = model.defense_loss(*batch, 0)
     expected = F.cross_entropy(model.network(batch[0]), batch[1])
     torch.testing.assert_close(out.loss, expected)
     assert out.logits_adv is None and set(out.parts) == {"ce"}
@@ -47,7 +47,7 @@ def test_pgdat_trains_on_examples_in_the_ball_and_attacks_in_eval_mode(batch):
 
     model.make_adversarial = spy
     before = bn.running_mean.clone()
-    out = model.defense_loss(*batch)
+    out = model.defense_loss(*batch, 0)
     assert torch.equal(captured["mean_after_attack"], before)  # the attack did not touch BN statistics
     assert not torch.equal(bn.running_mean, before)  # the training forward did
     assert (captured["x_adv"] - batch[0]).abs().max() <= 0.1 + 1e-6
@@ -61,7 +61,7 @@ def test_fgsm_rs_defaults_to_the_fbf_step(batch, monkeypatch):
     seen = {}
     monkeypatch.setattr(pgd_at, "fgsm_rs",
                         lambda net, x, y, eps, step=None, bounds=None: seen.update(eps=eps, step=step) or x)
-    PGDAT(network=BNNet(), eps="8/255", attack="fgsm_rs").defense_loss(*batch)
+    PGDAT(network=BNNet(), eps="8/255", attack="fgsm_rs").defense_loss(*batch, 0)
     assert seen["eps"] == pytest.approx(8 / 255) and seen["step"] is None  # fgsm_rs then uses 1.25 eps
     with pytest.raises(ValueError, match="unknown training attack"):
         PGDAT(network=BNNet(), attack="cw")
@@ -75,7 +75,7 @@ def test_trades_loss_follows_its_formula(batch):
     x_adv = model.make_adversarial(x, y)
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
     model.make_adversarial = lambda x, y: x_adv
-    out = model.defense_loss(x, y)
+    out = model.defense_loss(x, y, 0)
     p_clean = F.softmax(model.network(x), 1)
     log_p_adv = F.log_softmax(model.network(x_adv), 1)
     kl = (p_clean * (p_clean.log() - log_p_adv)).sum(1).mean()

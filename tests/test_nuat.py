@@ -91,7 +91,7 @@ def test_nuat_loss_is_clean_ce_plus_lambda_nuclear(batch):
     model = NuAT(network=DigitsMLP(), eps=0.1, lambda_max=4.0, lambda_ramp_epochs=10)
     model.current_lambda = lambda: 2.0
     x, y = batch
-    out = model.defense_loss(x, y)
+    out = model.defense_loss(x, y, 0)
     ce = F.cross_entropy(out.logits_clean, y)
     nuc = torch.linalg.matrix_norm(out.logits_adv - out.logits_clean, ord="nuc") / 32
     torch.testing.assert_close(out.loss, ce + 2.0 * nuc)
@@ -139,9 +139,9 @@ def test_nuat2_wa_takes_its_first_step_on_the_fast_ema_without_gradients_into_it
         def attack_network(self):
             return fast
 
-    model.weight_averaging = FakeEMA()
+    model.callback_with = lambda attribute: FakeEMA() if attribute == "attack_network" else None  # no trainer
     model.current_lambda = lambda: 1.0
-    out = model.defense_loss(*batch)
+    out = model.defense_loss(*batch, 0)
     out.loss.backward()
     assert fast.calls == 2  # its clean logits, and the first attack step
     assert all(p.grad is None for p in fast.parameters())
@@ -149,14 +149,14 @@ def test_nuat2_wa_takes_its_first_step_on_the_fast_ema_without_gradients_into_it
     # with no fast network yet (first epoch) the current network takes the first step
     FakeEMA.attack_network = lambda self: None
     fast.calls = 0
-    model.defense_loss(*batch)
+    model.defense_loss(*batch, 0)
     assert fast.calls == 0
 
 
 def test_attack_on_ema_without_the_callback_says_what_to_add(batch):
     model = NuAT(network=DigitsMLP(), attack_steps=2, attack_on_ema=True)
     with pytest.raises(RuntimeError, match="advtrain.callbacks.EMA"):
-        model.defense_loss(*batch)
+        model.defense_loss(*batch, 0)
 
 
 def test_nuat_wa_trains_with_the_fast_average_from_the_second_epoch():

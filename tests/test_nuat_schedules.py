@@ -25,7 +25,6 @@ from helpers import DigitsMLP
 from advtrain.cli import AdvtrainCLI
 from advtrain.datamodules import Digits
 from advtrain.defenses import CyclicLRInEpochs, NuAT
-from advtrain.defenses.schedules import batches_per_epoch
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,10 +207,11 @@ def test_the_comparison_catches_a_wrong_schedule(override, tmp_path, monkeypatch
 
 def test_cyclic_lr_in_epochs_needs_its_batches_per_epoch_and_sane_epochs():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    untold = CyclicLRInEpochs(opt, max_lr=0.1, up_epochs=1, down_epochs=1)
     with pytest.raises(RuntimeError, match="configure_optimizers"):
-        CyclicLRInEpochs(opt, max_lr=0.1, up_epochs=1, down_epochs=1)
-    with batches_per_epoch(lambda: 4):
-        assert CyclicLRInEpochs(opt, max_lr=0.1, up_epochs=1, down_epochs=1).steps_per_epoch == 4
+        untold.step()
+    untold.set_steps_per_epoch(4)
+    assert untold.steps_per_epoch == 4 and untold.get_last_lr() == [0.0]  # the cycle's first lr is set at once
     with pytest.raises(ValueError, match="stop_epoch"):
         CyclicLRInEpochs(opt, max_lr=0.1, up_epochs=1, down_epochs=1, milestones=[3], steps_per_epoch=2)
     with pytest.raises(ValueError, match="stop_epoch"):
@@ -279,7 +279,7 @@ def test_lambda_is_logged_as_a_cpu_tensor_and_reaches_tensorboard(tmp_path, batc
 
     model = small_nuat()
     model.trainer = SimpleNamespace(max_epochs=6, current_epoch=1)
-    out = model.defense_loss(*batch)
+    out = model.defense_loss(*batch, 0)
     assert out.parts["lambda"].device.type == "cpu" and float(out.parts["lambda"]) == 0.75
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(small_nuat(), tmp_path, StopAfterEpoch(1), logger=logger)

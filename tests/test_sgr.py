@@ -89,8 +89,8 @@ def test_omega_equals_the_one_layer_closed_form():
     sigma = random_spd(16, generator)
     mu = torch.randn(16, generator=generator, dtype=torch.float64)
     model = SGR(network, lam=0.7, uncentred=True)
-    model.covariance = DenseCovariance(sigma, mu)
-    out = model.defense_loss(x, y)
+    model.fixed_covariance = DenseCovariance(sigma, mu)
+    out = model.defense_loss(x, y, 0)
     W, b = network.head.weight.detach(), network.head.bias.detach()
     p = torch.softmax(x.flatten(1) @ W.T + b, dim=1)
     g = (F.one_hot(y, 4).double() - p) @ W  # (B, d)
@@ -101,7 +101,7 @@ def test_omega_equals_the_one_layer_closed_form():
     torch.testing.assert_close(out.parts["mean_term"], mean_term)
     torch.testing.assert_close(out.parts["ce"], ce)
     torch.testing.assert_close(out.loss, ce + 0.7 * (omega + mean_term))
-    torch.testing.assert_close(out.extras["input_gradient"].flatten(1), g)
+    torch.testing.assert_close(out.input_gradient.flatten(1), g)
     assert out.parts["lam"] == torch.tensor(0.7) and out.parts["lam"].device.type == "cpu"
 
 
@@ -111,8 +111,8 @@ def test_omega_equals_the_logit_form_on_a_nonlinear_network():
     network = TanhNet().double()
     sigma = random_spd(16, generator)
     model = SGR(network, lam=1.0)
-    model.covariance = DenseCovariance(sigma)
-    out = model.defense_loss(x, y)
+    model.fixed_covariance = DenseCovariance(sigma)
+    out = model.defense_loss(x, y, 0)
     terms = []
     for i in range(len(y)):
         jac = torch.autograd.functional.jacobian(lambda v: network(v.view(1, 1, 4, 4))[0], x[i].flatten())  # (K, d)
@@ -127,11 +127,11 @@ def test_gn_equals_sgr_with_an_identity_covariance(batch):
     torch.manual_seed(0)
     network = DigitsCNN(width=4, hidden=16)
     gn, sgr = GN(network, lam=0.3), SGR(network, lam=0.3)
-    sgr.covariance = DenseCovariance(torch.eye(64))
+    sgr.fixed_covariance = DenseCovariance(torch.eye(64))
     results = []
     for model in (gn, sgr):
         network.zero_grad()
-        out = model.defense_loss(x, y)
+        out = model.defense_loss(x, y, 0)
         out.loss.backward()
         results.append((out, [p.grad.clone() for p in network.parameters()]))
     (gn_out, gn_grads), (sgr_out, sgr_grads) = results
@@ -147,9 +147,9 @@ def test_weight_gradient_of_the_sgr_loss_matches_finite_differences():
     torch.manual_seed(1)
     network = TanhNet().double()
     model = SGR(network, lam=2.0)
-    model.covariance = DenseCovariance(random_spd(16, generator))
+    model.fixed_covariance = DenseCovariance(random_spd(16, generator))
     network.zero_grad()
-    model.defense_loss(x, y).loss.backward()
+    model.defense_loss(x, y, 0).loss.backward()
     h = 1e-6
     with torch.no_grad():
         for param in network.parameters():
@@ -158,9 +158,9 @@ def test_weight_gradient_of_the_sgr_loss_matches_finite_differences():
             for j in range(param.numel()):
                 value = param.view(-1)[j].item()
                 param.view(-1)[j] = value + h
-                plus = model.defense_loss(x, y).loss
+                plus = model.defense_loss(x, y, 0).loss
                 param.view(-1)[j] = value - h
-                minus = model.defense_loss(x, y).loss
+                minus = model.defense_loss(x, y, 0).loss
                 param.view(-1)[j] = value
                 numeric.view(-1)[j] = (plus - minus) / (2 * h)
             torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
@@ -171,9 +171,9 @@ def test_without_double_backprop_the_weight_gradient_would_differ():
     x, y, generator = inputs(classes=3, seed=1)
     network = TanhNet().double()
     model = SGR(network, lam=2.0)
-    model.covariance = DenseCovariance(random_spd(16, generator))
+    model.fixed_covariance = DenseCovariance(random_spd(16, generator))
     network.zero_grad()
-    model.defense_loss(x, y).loss.backward()
+    model.defense_loss(x, y, 0).loss.backward()
     full = network.head.weight.grad.clone()
     network.zero_grad()
     F.cross_entropy(network(x), y).backward()
@@ -185,14 +185,14 @@ def test_ce_and_the_gradient_share_one_dropout_mask(batch):
     network = DropoutMLP()
     model = GN(network, lam=1.0)
     torch.manual_seed(3)
-    out = model.defense_loss(x, y)
+    out = model.defense_loss(x, y, 0)
     torch.manual_seed(3)  # the same single dropout draw, by hand
     xr = x.clone().requires_grad_(True)
     logits = network(xr)
     ce = F.cross_entropy(logits, y)
     (g,) = torch.autograd.grad(-ce * len(y), xr)
     torch.testing.assert_close(out.parts["ce"], ce)
-    torch.testing.assert_close(out.extras["input_gradient"], g)
+    torch.testing.assert_close(out.input_gradient, g)
 
 
 def test_batchnorm_gradients_are_each_examples_own():
@@ -201,10 +201,10 @@ def test_batchnorm_gradients_are_each_examples_own():
     network = BatchNormNet()
     model = GN(network, lam=1.0)
     network.train()
-    out = model.defense_loss(x, y)
+    out = model.defense_loss(x, y, 0)
     bn = network.body[1]
     assert bn.training and int(bn.num_batches_tracked) == 1  # the CE forward updated the statistics once
-    g = out.extras["input_gradient"]
+    g = out.input_gradient
     network.eval()
     for i in range(len(y)):  # one example alone, BatchNorm on its (updated) running statistics
         xi = x[i:i + 1].clone().requires_grad_(True)
@@ -223,12 +223,12 @@ def test_batchnorm_gradients_are_each_examples_own():
 def test_batchnorm_refusals():
     x, y, _ = inputs(batch=4, classes=3, dtype=torch.float32)
     with pytest.raises(ValueError, match="batchnorm: eval"):
-        GN(BatchNormNet(), batchnorm="error").defense_loss(x, y)
+        GN(BatchNormNet(), batchnorm="error").defense_loss(x, y, 0)
     with pytest.raises(ValueError, match="running statistics"):
-        GN(BatchNormNet(track_running_stats=False)).defense_loss(x, y)
+        GN(BatchNormNet(track_running_stats=False)).defense_loss(x, y, 0)
     model = GN(BatchNormNet(), batchnorm="error")
     model.network.eval()  # eval-mode BatchNorm is per-example: allowed
-    assert torch.isfinite(model.defense_loss(x, y).loss)
+    assert torch.isfinite(model.defense_loss(x, y, 0).loss)
 
 
 @pytest.mark.parametrize("bad", [dict(sigma="full"), dict(lam=-1.0), dict(batchnorm="train")])
@@ -265,7 +265,7 @@ def test_mixture_crafts_on_the_predicted_label_in_eval_mode(batch, attack):
     model = MixtureAT(network, lam=0.25, attack=attack, eps=0.1, **kwargs)
     network.train()
     torch.manual_seed(5)
-    out = model.defense_loss(x, y)
+    out = model.defense_loss(x, y, 0)
     assert network.body[3].training  # the defense restored train mode
     torch.testing.assert_close(out.x_adv, on_prediction)
     assert (out.x_adv - on_label).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
@@ -275,14 +275,10 @@ def test_mixture_crafts_on_the_predicted_label_in_eval_mode(batch, attack):
 
 
 class SetCovariance(pl.Callback):
-    """Stands in for callbacks.CovarianceTracker: hands a fixed Sigma over in setup; records the step outputs."""
+    """Stands in for callbacks.CovarianceTracker: offers a fixed Sigma as ``covariance``; records the step outputs."""
 
     def __init__(self, covariance=None):
         self.covariance, self.outputs = covariance, []
-
-    def setup(self, trainer, pl_module, stage):
-        if self.covariance is not None:
-            pl_module.covariance = self.covariance
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.outputs.append(outputs)
@@ -311,7 +307,7 @@ def test_short_digits_run_logs_finite_parts(tmp_path, sigma):
         assert torch.isfinite(metrics[name]), name
     assert metrics["train/omega"] > 0 and metrics["train/lam"] == 0.5
     assert len(recorder.outputs) == 4
-    assert recorder.outputs[-1]["input_gradient"].shape == recorder.outputs[-1]["x"].shape
+    assert recorder.outputs[-1]["step"].input_gradient.shape == recorder.outputs[-1]["step"].x.shape
     assert not torch.equal(before, model.network.head.weight)
 
 
@@ -322,7 +318,7 @@ def test_mixture_short_digits_run(tmp_path):
     trainer = fit(tmp_path, model, [recorder], batches=2)
     for name in ("train/ce_clean", "train/ce_adv", "train/acc_adv"):
         assert torch.isfinite(trainer.callback_metrics[name]), name
-    perturbation = recorder.outputs[-1]["perturbation"]
+    perturbation = recorder.outputs[-1]["step"].perturbation
     assert perturbation.abs().max() <= 0.1 + 1e-6 and perturbation.abs().max() > 0
 
 
@@ -347,8 +343,8 @@ def test_sgr_trains_with_the_covariance_tracker(tmp_path, representation):
     # the logged Omega is the one of the Sigma the tracker held at the last step (dense reference, same g)
     dm = trainer.datamodule
     x, y = dm.preprocess(dm.train_set.__getitems__(list(range(32))), train=False)
-    out = model.defense_loss(x, y)
-    g = out.extras["input_gradient"].flatten(1)
+    out = model.defense_loss(x, y, 0)
+    g = out.input_gradient.flatten(1)
     dense = model.covariance.to_dense()
     torch.testing.assert_close(out.parts["omega"], 0.5 * torch.einsum("bi,ij,bj->b", g, dense, g).mean(),
                                rtol=1e-4, atol=1e-7)

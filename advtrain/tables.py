@@ -8,7 +8,7 @@ A table names its rows, the seeds and the checkpoint to test::
     overrides: {trainer.max_epochs: 2}          # every cell, fit and test
     rows:
       - {name: standard, config: configs/demo/standard.yaml}
-      - {name: pgd_at, config: configs/demo/pgd_at.yaml, overrides: {model.init_args.steps: 3}}
+      - {name: pgd_at, config: configs/demo/pgd_at.yaml, overrides: {model.init_args.attack.steps: 3}}
       - {name: pgd_at_eps0.1, config: configs/demo/pgd_at.yaml, overrides: {model.init_args.eps: 0.1},
          test_overrides: {evaluation.limit: 100}}   # the test only
       - {name: tensorized, config: configs/demo/tensorized.yaml,   # starts from the same seed's standard cell

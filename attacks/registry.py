@@ -1,11 +1,14 @@
-"""The attack table: every attack the evaluation can run, as one row each.
+"""The attack table: every attack the package runs, in evaluation and in training, as one row each.
 
 A row names the attack's function and says what it takes: a budget (eps) or none (DeepFool finds the smallest
 perturbation), iterations and a step size (with their defaults), restarts, EOT, the norms it supports, its own
 parameters with their defaults, and the metrics it reports besides accuracy. ``advtrain.attacks.setting.AttackSetting``
 reads a config entry against its row (a wrong parameter fails when the config is read, naming the attack and
 what it takes) and calls the function with exactly the keywords the row declares. Adding an attack is one
-function in this package and one row here; the evaluation code does not change.
+function in this package and one row here; neither the evaluation nor a defense changes. A row marked ``trains``
+can be a defense's training attack (``attack: {attack: pgd, steps: 10}`` in a config, as in an evaluation suite);
+its ``context`` names what the defense hands it per batch (TRADES: the clean logits; NuAT: also lambda), and such a
+row runs in training only.
 
 Every function is called as ``fn(model, x, y, [eps,] *, bounds=..., generator=..., <declared keywords>)`` and
 returns ``x_adv``; the caller sets the model's mode (:func:`advtrain.attacks.mode.attack_mode`).
@@ -37,7 +40,21 @@ from .budget import parse_budget
 from .deepfool import deepfool
 from .gama import gama_fw, gama_pgd
 from .noise import lrc, uniform_noise
-from .standard import bim, bim_steps, fgsm, fgsm_rs, mim, pgd, rfgsm
+from .nuclear import nuclear_norm_step, nuclear_two_step
+from .standard import (
+    BIM_STEP,
+    bim,
+    bim_steps,
+    fgsm,
+    fgsm_rs,
+    fgsm_rs_step,
+    mim,
+    mim_step,
+    pgd,
+    pgd_step,
+    rfgsm,
+    trades_kl,
+)
 from .targeted import bim_targeted, mim_targeted, pgd_targeted
 
 KINDS = ("single_step", "iterative", "targeted", "noise", "minimal")
@@ -101,6 +118,8 @@ class AttackSpec:
         keywords: the function's name for a setting field when it differs (GAMA-FW calls its step ``gamma``).
         fixed: why ``steps``/``step`` cannot be set, for the error message.
         records: extra fields for the results file.
+        trains: a defense may craft its training examples with it.
+        context: keywords the defense that runs it provides per batch (a row with context runs in training only).
     """
 
     function: Callable[..., Tensor]
@@ -119,6 +138,8 @@ class AttackSpec:
     keywords: dict[str, str] = field(default_factory=dict)
     fixed: str = ""
     records: Callable[[Any], dict] | None = None
+    trains: bool = False
+    context: tuple[str, ...] = ()
 
 
 def _autoattack_in_suite(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
@@ -146,29 +167,40 @@ def _autoattack_records(setting) -> dict:
 
 
 def _pgd_step(eps: float, steps: int, params: dict) -> float:
-    return 2.5 * eps / steps
+    return pgd_step(eps, steps)
 
 
+def _mim_step(eps: float, steps: int, params: dict) -> float:
+    return mim_step(eps, steps)
+
+
+def _bim_step(eps: float, steps: int, params: dict) -> float:
+    return BIM_STEP
+
+
+_START_SCALE = Param("4/255", "budget", help="a of NuAT's Bernoulli start +-a (4/255 CIFAR, 0.3 MNIST)")
+_NUCLEAR = ("clean_logits", "lam", "use_nuclear")
 _TARGET = Param("random", "str", choices=("random", "all"), help="random: one class != y; all: every class != y")
 
 ATTACKS: dict[str, AttackSpec] = {
-    "fgsm": AttackSpec(fgsm, "single_step", step=lambda eps, steps, p: eps, tunable=(), eot=True),
-    "fgsm_rs": AttackSpec(fgsm_rs, "single_step", step=lambda eps, steps, p: 1.25 * eps, tunable=("step",),
-                          eot=True),
-    "rfgsm": AttackSpec(rfgsm, "single_step", tunable=(), eot=True,
+    "fgsm": AttackSpec(fgsm, "single_step", step=lambda eps, steps, p: eps, tunable=(), eot=True, trains=True),
+    "fgsm_rs": AttackSpec(fgsm_rs, "single_step", step=lambda eps, steps, p: fgsm_rs_step(eps), tunable=("step",),
+                          eot=True, trains=True),
+    "rfgsm": AttackSpec(rfgsm, "single_step", tunable=(), eot=True, trains=True,
                         step=lambda eps, steps, p: eps - (eps / 2 if p["alpha"] is None else p["alpha"]),
                         params={"alpha": Param(None, "budget", help="random step; default eps / 2")}),
-    "bim": AttackSpec(bim, "iterative", steps=bim_steps, step=lambda eps, steps, p: 1 / 255, eot=True),
-    "pgd": AttackSpec(pgd, "iterative", steps=10, step=_pgd_step, restarts=True, eot=True, norms=("linf", "l2")),
+    "bim": AttackSpec(bim, "iterative", steps=bim_steps, step=_bim_step, eot=True, trains=True),
+    "pgd": AttackSpec(pgd, "iterative", steps=10, step=_pgd_step, restarts=True, eot=True, norms=("linf", "l2"),
+                      trains=True),
     "pgd_targeted": AttackSpec(pgd_targeted, "targeted", steps=10, step=_pgd_step, restarts=True, eot=True,
                                norms=("linf", "l2"), label_params=("target",),
                                params={"target": Param("random", "str", choices=("random", "all"),
                                                        help="random: one class != y; all: every class != y")}),
-    "mim": AttackSpec(mim, "iterative", steps=10, step=lambda eps, steps, p: eps / steps, eot=True),
+    "mim": AttackSpec(mim, "iterative", steps=10, step=_mim_step, eot=True, trains=True),
     # ADR supplementary Tables 3-4: BIM and MIM toward a random class or every class (no random start, no restarts)
-    "bim_targeted": AttackSpec(bim_targeted, "targeted", steps=bim_steps, step=lambda eps, steps, p: 1 / 255, eot=True,
+    "bim_targeted": AttackSpec(bim_targeted, "targeted", steps=bim_steps, step=_bim_step, eot=True,
                                label_params=("target",), params={"target": _TARGET}),
-    "mim_targeted": AttackSpec(mim_targeted, "targeted", steps=10, step=lambda eps, steps, p: eps / steps, eot=True,
+    "mim_targeted": AttackSpec(mim_targeted, "targeted", steps=10, step=_mim_step, eot=True,
                                label_params=("target",), params={"target": _TARGET}),
     "gama_pgd": AttackSpec(gama_pgd, "iterative", steps=100, step=lambda eps, steps, p: 2 * eps, restarts=True),
     "gama_fw": AttackSpec(gama_fw, "iterative", steps=100, step=lambda eps, steps, p: 0.5, restarts=True,
@@ -189,6 +221,16 @@ ATTACKS: dict[str, AttackSpec] = {
                               "samples": Param(100, "int", minimum=1, help="worst of this many draws"),
                               "channel_correlation": Param(0.5, minimum=-1.0),
                               "covariance": Param(None, "path", help="a (d, d) covariance file instead of C x K")}),
+    # training attacks that need what only their defense has (see `context`)
+    "trades_kl": AttackSpec(trades_kl, "iterative", steps=10, step=lambda eps, steps, p: 2 / 255, eot=True,
+                            trains=True, context=("clean_logits",)),
+    "nuclear": AttackSpec(nuclear_norm_step, "single_step", tunable=(), step=lambda eps, steps, p: eps, trains=True,
+                          params={"start_scale": _START_SCALE}, context=_NUCLEAR,
+                          fixed="NuAT's attack is one signed step of eps from a Bernoulli start"),
+    "nuclear_two_step": AttackSpec(nuclear_two_step, "iterative", steps=2, tunable=(),
+                                   step=lambda eps, steps, p: eps, trains=True, params={"start_scale": _START_SCALE},
+                                   context=(*_NUCLEAR, "first_model", "first_clean_logits"),
+                                   fixed="NuAT2's attack is two signed steps of eps from a Bernoulli start"),
 }
 
 KURAKIN = "kurakin"  # steps: floor(min(eps + 4, 1.25 eps)) iterations, eps in 1/255 units (Kurakin et al. 2017)

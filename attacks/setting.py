@@ -8,6 +8,7 @@ config is read, not hours into a run.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,21 @@ from .standard import bim_steps
 from .surrogates import check_surrogate_name, surrogate_label
 
 
+def _from_text(value: Any) -> Any:
+    """A value from the command line (``--model.init_args.attack.steps 3`` arrives as the string "3") as YAML
+    would read it; fractions such as "8/255" stay strings for ``parse_budget``."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _plural(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -30,9 +46,8 @@ class AttackSetting:
     """One attack configuration.
 
     Args:
-        attack: a name in :data:`advtrain.attacks.registry.ATTACKS` (``fgsm``, ``fgsm_rs``, ``rfgsm``, ``bim``, ``pgd``,
-            ``pgd_targeted``, ``mim``, ``gama_pgd``, ``gama_fw``, ``autoattack``, ``deepfool``, ``uniform_noise``,
-            ``lrc``).
+        attack: a row of :data:`advtrain.attacks.registry.ATTACKS` (``python -c "import advtrain.attacks as a;
+            print(list(a.ATTACKS))"`` lists them).
         eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into one setting
             per budget (:meth:`expand`). Unset: 8/255. DeepFool has no budget (leave it unset).
         steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100, deepfool 50), or
@@ -84,6 +99,32 @@ class AttackSetting:
         self._eps_list = self._check_budget(eps)
         self._check_schedule()
         self._check_threat_model()
+
+    @classmethod
+    def from_config(cls, entry: dict | str | AttackSetting | None, eps: float | None, where: str,
+                    default: dict | None = None) -> AttackSetting:
+        """A defense's attack as a config writes it, as in an evaluation suite: ``{attack: pgd, steps: 10, step:
+        2/255}`` or a row's name; the budget is ``eps`` (the defense's threat model) unless the entry gives one. An
+        entry without ``attack`` changes ``default`` (``--model.init_args.attack.steps 3`` on the command line)."""
+        if isinstance(entry, AttackSetting):
+            return entry
+        if entry is None:
+            entry = dict(default or {})
+        if isinstance(entry, str):
+            entry = {"attack": entry}
+        if isinstance(entry, dict):
+            entry = {key: _from_text(value) for key, value in entry.items()}
+            if "attack" not in entry and default is not None:
+                entry = {**default, **entry}
+        if not isinstance(entry, dict) or "attack" not in entry:
+            raise ValueError(f"{where}: an attack is a mapping such as {{attack: pgd, steps: 10}}, got {entry!r}")
+        check_attack_name(entry["attack"])
+        if ATTACKS[entry["attack"]].budget and eps is not None:
+            entry = {"eps": eps, **entry}
+        setting = cls(**entry)
+        if len(setting.expand()) != 1:
+            raise ValueError(f"{where}: one budget, not a list ({entry.get('eps')!r})")
+        return setting.expand()[0]
 
     # ---- validation against the attack's row --------------------------------------------------
     @property
@@ -231,6 +272,25 @@ class AttackSetting:
             entry.update(spec.records(self))
         return entry
 
+    # ---- training ---------------------------------------------------------------------------------
+    def required_context(self) -> list[str]:
+        """The context keywords the attack's function cannot do without."""
+        parameters = inspect.signature(self.spec.function).parameters
+        return [name for name in self.spec.context
+                if name not in parameters or parameters[name].default is inspect.Parameter.empty]
+
+    def check_training(self, provides: tuple[str, ...], who: str) -> AttackSetting:
+        """Refuse a row that cannot train, or one that needs per-batch context ``who`` (a defense) does not
+        provide; returns the setting."""
+        if not self.spec.trains:
+            raise ValueError(f"{who}: {self.attack} is not a training attack; choose one of "
+                             f"{_plural(attacks_with(lambda s: s.trains))}")
+        missing = [name for name in self.required_context() if name not in provides]
+        if missing:
+            raise ValueError(f"{who}: {self.attack} needs {_plural(missing)} from the defense that runs it, which "
+                             f"{who} does not provide; choose an attack without context, e.g. pgd")
+        return self
+
     # ---- running ----------------------------------------------------------------------------------
     def keywords(self) -> dict:
         """The keyword arguments the attack's function receives (besides model, inputs, bounds, generator)."""
@@ -253,6 +313,11 @@ class AttackSetting:
         return {spec.keywords.get(k, k): v for k, v in given.items()}
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-            bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-        """Generate adversarial examples for one batch (the caller sets the model's mode and threat model)."""
-        return self.spec.function(model, x, y, bounds=bounds, generator=generator, **self.keywords())
+            bounds: tuple[float, float] = (0.0, 1.0), **context: Any) -> Tensor:
+        """Generate adversarial examples for one batch (the caller sets the model's mode and threat model).
+        ``context``: what a training attack's row declares (others are ignored); an evaluation passes none."""
+        given = {name: value for name, value in context.items() if name in self.spec.context}
+        missing = [name for name in self.required_context() if name not in given]
+        if missing:
+            raise ValueError(f"{self.attack} runs in training only: it needs {_plural(missing)} from a defense")
+        return self.spec.function(model, x, y, bounds=bounds, generator=generator, **self.keywords(), **given)

@@ -9,7 +9,22 @@ from torch import Tensor, nn
 
 from .budget import parse_budget
 from .core import projected_gradient
-from .losses import AttackLoss, cross_entropy
+from .losses import AttackLoss, cross_entropy, kl_from
+
+# Default step sizes, each defined once: the functions below use them, and so do their rows in the attack table.
+BIM_STEP = 1 / 255  # Kurakin et al., as the defensive-tensorization paper uses BIM
+
+
+def fgsm_rs_step(eps: float) -> float:
+    return 1.25 * eps  # Wong et al. 2020
+
+
+def pgd_step(eps: float, steps: int) -> float:
+    return 2.5 * eps / steps  # Madry et al.: enough to cross the ball and come back
+
+
+def mim_step(eps: float, steps: int) -> float:
+    return eps / steps  # Dong et al. 2018
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, loss: AttackLoss = cross_entropy,
@@ -25,7 +40,7 @@ def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: f
     """FGSM with a uniform random start and a step of 1.25 eps (Wong et al. 2020, 'Fast is better
     than free'); the result is projected back onto the eps-ball."""
     eps = parse_budget(eps)
-    step = 1.25 * eps if step is None else step
+    step = fgsm_rs_step(eps) if step is None else step
     return projected_gradient(model, x, y, eps=eps, step=step, steps=1, start="uniform", loss=loss, eot=eot,
                               bounds=bounds, generator=generator)
 
@@ -36,7 +51,7 @@ def bim_steps(eps: float) -> int:
     return max(1, math.floor(min(e + 4, 1.25 * e) + 1e-9))
 
 
-def bim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str = 1 / 255,
+def bim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float | str = BIM_STEP,
         steps: int | None = None, loss: AttackLoss = cross_entropy, eot: int = 1,
         bounds: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
     """BIM / I-FGSM (Kurakin et al. 2017): FGSM repeated with clipping, no random start. Defaults are
@@ -53,7 +68,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float
     """PGD (Madry et al. 2018): BIM from a uniform random start in the ball, Linf or L2, with
     restarts that keep each example's worst case. Step defaults to 2.5 eps / steps."""
     eps = parse_budget(eps)
-    step = 2.5 * eps / steps if step is None else step
+    step = pgd_step(eps, steps) if step is None else step
     return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, norm=norm, loss=loss,
                               start="uniform" if random_start else "zero", restarts=restarts, eot=eot,
                               bounds=bounds, generator=generator)
@@ -65,7 +80,7 @@ def mim(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, step: float
     """MIM (Dong et al. 2018): signed steps along a momentum of L1-normalized gradients, decay 1.0,
     no random start (as torchattacks.MIFGSM). Step defaults to eps / steps."""
     eps = parse_budget(eps)
-    step = eps / steps if step is None else step
+    step = mim_step(eps, steps) if step is None else step
     return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, momentum=decay, loss=loss, eot=eot,
                               bounds=bounds)
 
@@ -90,3 +105,13 @@ def rfgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, alpha: fl
         raise ValueError(f"R+FGSM needs 0 <= alpha <= eps, got alpha={alpha:g} > eps={eps:g}")
     return projected_gradient(model, x, y, eps=eps, step=eps - alpha, steps=1, start="bernoulli",
                               start_scale=alpha, loss=loss, eot=eot, bounds=bounds, generator=generator)
+
+
+def trades_kl(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, clean_logits: Tensor,
+              step: float | str = 2 / 255, steps: int = 10, eot: int = 1, bounds: tuple[float, float] = (0.0, 1.0),
+              generator: torch.Generator | None = None) -> Tensor:
+    """TRADES' inner maximization (Zhang et al. 2019, official code yaodongyu/TRADES): signed steps on
+    KL(p(x) || p(x')) summed over the batch, from x + 0.001 N(0, I), in the eps-ball. ``clean_logits`` = f(x), from
+    the defense that runs it (a training attack: its row declares it as context)."""
+    return projected_gradient(model, x, y, eps=eps, step=step, steps=steps, loss=kl_from(clean_logits),
+                              start="normal", start_scale=0.001, eot=eot, bounds=bounds, generator=generator)

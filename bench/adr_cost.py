@@ -52,10 +52,10 @@ def main(argv=None):
     network = CarliniCNN("cifar").to(device)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    attack = {"eps": 0.031, "steps": 10, "step": 0.007}
+    attack = {"attack": "pgd", "steps": 10, "step": 0.007}
     terms = {"lc": 1.0, "smt": 1.0, "gc": 1.0, "gsmt": 1.0, "conf": 1.0}
-    defenses = {"pgd_at": PGDAT(network=network, attack="pgd", **attack),
-                "adr": ADR(network=network, **attack, **terms)}
+    defenses = {"pgd_at": PGDAT(network=network, eps=0.031, attack=attack),
+                "adr": ADR(network=network, eps=0.031, attack=attack, **terms)}
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
 
     def step(defense):

@@ -119,8 +119,9 @@ def main(argv=None):
         if name == "sgr_stationary_pgd" and args.skip_pgd:
             continue
         defenses[name] = SGR(network, lam=args.lam, eps="8/255")
-        trackers[name] = CovarianceTracker(source=source, representation=representation, scale="unit",
-                                           steps=10, step="2/255")
+        attack_source = source in ("fgsm", "pgd")
+        trackers[name] = CovarianceTracker(source={"attack": source, "steps": 10, "step": "2/255"} if attack_source
+                                           else source, representation=representation, scale="unit")
         trackers[name].setup(trainer, defenses[name], "fit")
         trackers[name].on_fit_start(trainer, defenses[name])
         defenses[name].fixed_covariance = trackers[name].covariance  # no trainer here to find the tracker in

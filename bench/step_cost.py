@@ -94,9 +94,9 @@ def main(argv=None):
 
     settings = {
         "clean": {},
-        "pgd10": {"attack": "pgd", "eps": "8/255", "steps": 10, "step": "2/255"},
-        "trades10": {"eps": "8/255", "steps": 10, "step": "2/255"},
-        "fgsm_rs": {"attack": "fgsm_rs", "eps": "8/255"},
+        "pgd10": {"eps": "8/255", "attack": {"attack": "pgd", "steps": 10, "step": "2/255"}},
+        "trades10": {"eps": "8/255", "attack": {"attack": "trades_kl", "steps": 10, "step": "2/255"}},
+        "fgsm_rs": {"eps": "8/255", "attack": "fgsm_rs"},
         **{name: nuat_settings(config) for name, config in NUAT_CONFIGS.items()},
     }
     defenses = {

@@ -11,13 +11,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd, seeded_generator
+from advtrain.attacks import AttackSetting, attack_mode, seeded_generator
 from advtrain.attacks.covariance import REPRESENTATIONS, Covariance, load_covariance, make_covariance
 from advtrain.defenses import step_output
 
 from .covariance_logging import data_mean_variance, input_shape_of, log_covariance
 
-SOURCES = ("gradient", "sign", "fgsm", "pgd", "defense", "step_gradient")
+SOURCES = ("gradient", "sign", "defense", "step_gradient")  # and any training attack of the attack table
 SCALES = ("data", "unit", "none")
 
 
@@ -48,9 +48,10 @@ class CovarianceTracker(pl.Callback):
     Sources of xi (the paper's: loss gradients, their sign, FGSM or PGD perturbations, crafted with the model's
     predicted label, no label leaking): ``gradient`` / ``sign``: the input gradient of CE at the predicted label
     (or its sign), per example (the gradient of the summed loss in eval mode, so BatchNorm mixes no examples);
-    ``fgsm`` / ``pgd``: x_adv - x of FGSM / PGD (``steps``, ``step``) at budget ``eps`` (default: the module's eps)
-    on the predicted label; all crafted with :func:`advtrain.attacks.attack_mode` (eval mode, modes restored) under the
-    trainer's precision. PGD's random start draws from a private generator seeded by (step, rank), so the tracker
+    an attack (``fgsm``, ``pgd``, any training attack of the table): its x_adv - x at its budget (default: the
+    module's eps) on the predicted label; all crafted with :func:`advtrain.attacks.attack_mode` (eval mode, modes
+    restored) under the trainer's precision. An attack's random start draws from a private generator seeded by
+    (step, rank), so the tracker
     never moves the training's global RNG. SGR's own ``input_gradient`` (its step output) is not reused: it is taken at
     the true label, before the optimizer step, in train mode. ``defense``: the perturbation the defense made this step.
     ``step_gradient``: that reused gradient (the step output's ``input_gradient``, which SGR returns): free, where
@@ -63,7 +64,9 @@ class CovarianceTracker(pl.Callback):
     are in ``state_dict``: a resumed run continues bitwise.
 
     Args:
-        source: ``gradient``, ``sign``, ``fgsm``, ``pgd``, ``defense`` or ``step_gradient``.
+        source: ``gradient``, ``sign``, ``defense``, ``step_gradient``, or an attack: a training attack of the
+            attack table, as in an evaluation suite (``fgsm``, ``pgd``, ``{attack: pgd, steps: 10, step: 2/255}``);
+            its budget is the module's ``eps`` unless it sets one.
         representation: ``full`` or ``stationary``.
         beta: the EMA rate (paper: 0.1).
         scale: ``data``: Sigma's mean diagonal equals the data's mean variance (arXiv text, default); ``unit``: 1
@@ -73,23 +76,29 @@ class CovarianceTracker(pl.Callback):
         freeze_after_steps: no updates after this many training batches (Sigma frozen); None: never frozen.
         fixed_path: a torch file with a fixed (d, d) Sigma (``advtrain covariance`` writes the data set's own);
             ``stationary`` keeps its closest stationary covariance. No updates then.
-        eps, steps, step: the budget, iterations and step size of the fgsm/pgd sources.
         log_every_n_steps: training batches between TensorBoard logs (and at each epoch's end).
     """
 
     DATA_EXAMPLES = 10_000
 
-    def __init__(self, source: str = "pgd", representation: str = "stationary", beta: float = 0.1,
+    def __init__(self, source: str | dict = "pgd", representation: str = "stationary", beta: float = 0.1,
                  scale: str = "data", update_every: int = 1, freeze_after_steps: int | None = None,
-                 fixed_path: str | None = None, eps: float | str | None = None, steps: int = 10,
-                 step: float | str | None = None, log_every_n_steps: int = 50):
-        for name, value, allowed in (("source", source, SOURCES), ("representation", representation, REPRESENTATIONS),
-                                     ("scale", scale, SCALES)):
+                 fixed_path: str | None = None, log_every_n_steps: int = 50):
+        self.attack_entry = None if isinstance(source, str) and source in SOURCES else source
+        if self.attack_entry is not None:
+            try:  # checked now against the table (with a placeholder budget: the module's comes at setup)
+                AttackSetting.from_config(source, None, "CovarianceTracker source").check_training(
+                    (), "CovarianceTracker")
+            except ValueError as error:
+                raise ValueError(f"CovarianceTracker source must be one of {', '.join(SOURCES)} or a training "
+                                 f"attack: {error}") from error
+            source = source if isinstance(source, str) else source["attack"]
+        for name, value, allowed in (("representation", representation, REPRESENTATIONS), ("scale", scale, SCALES)):
             if value not in allowed:
                 raise ValueError(f"CovarianceTracker {name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"CovarianceTracker beta must be in (0, 1], got {beta}")
-        for name, value in (("update_every", update_every), ("steps", steps), ("log_every_n_steps", log_every_n_steps)):
+        for name, value in (("update_every", update_every), ("log_every_n_steps", log_every_n_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CovarianceTracker {name} must be an integer >= 1, got {value!r}")
         if freeze_after_steps is not None and (not isinstance(freeze_after_steps, int) or freeze_after_steps < 0):
@@ -97,8 +106,7 @@ class CovarianceTracker(pl.Callback):
                              f"{freeze_after_steps!r}")
         self.source, self.representation, self.beta, self.scale = source, representation, beta, scale
         self.update_every, self.freeze_after_steps, self.fixed_path = update_every, freeze_after_steps, fixed_path
-        self.eps = None if eps is None else parse_budget(eps, "eps")
-        self.steps, self.step = steps, None if step is None else parse_budget(step, "step")
+        self.attack: AttackSetting | None = None  # an attack source with the module's budget, from setup on
         self.log_every_n_steps = log_every_n_steps
         self.estimate: Covariance | None = None  # the running raw moments (the state)
         self.covariance: Covariance | None = None  # what SGR reads: the estimate scaled to the target
@@ -129,6 +137,16 @@ class CovarianceTracker(pl.Callback):
         self.covariance = self.estimate if self.target is None else self.estimate.scaled_to(self.target)
         if self._pending is not None:
             self.load_state_dict(self._pending)
+        if self.attack_entry is not None:
+            self.attack = self._attack_of(pl_module)
+
+    def _attack_of(self, pl_module) -> AttackSetting:
+        """The attack source with the module's budget (unless the source sets its own)."""
+        eps = getattr(pl_module, "eps", None)
+        if eps is None and not (isinstance(self.attack_entry, dict) and "eps" in self.attack_entry):
+            raise ValueError(f"CovarianceTracker source {self.source!r} needs a budget: {type(pl_module).__name__} "
+                             "has no eps, so give the source one ({attack: pgd, eps: 8/255})")
+        return AttackSetting.from_config(self.attack_entry, eps, "CovarianceTracker source")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._to(pl_module.device)
@@ -180,7 +198,7 @@ class CovarianceTracker(pl.Callback):
             value = None if step is None else getattr(step, key)
             if value is None:
                 raise ValueError(f"CovarianceTracker source {self.source!r}: {type(pl_module).__name__} {missing} "
-                                 f"(its step output has no {key}); choose source gradient, sign, fgsm or pgd")
+                                 f"(its step output has no {key}); choose source gradient, sign or an attack")
             return value
         x = (batch[0] if step is None else step.x).detach()
         network = getattr(pl_module, "network", pl_module)
@@ -193,21 +211,9 @@ class CovarianceTracker(pl.Callback):
                 loss = F.cross_entropy(network(x_in).float(), predicted, reduction="sum")
                 (gradient,) = torch.autograd.grad(loss, x_in)
                 return gradient if self.source == "gradient" else gradient.sign()
-            eps = self._eps(pl_module)
-            if self.source == "fgsm":
-                return fgsm(network, x, predicted, eps, bounds=bounds) - x
             generator = seeded_generator(x.device, self.batches, trainer.global_rank)
-            return pgd(network, x, predicted, eps, step=self.step, steps=self.steps, bounds=bounds,
-                       generator=generator) - x
-
-    def _eps(self, pl_module) -> float:
-        if self.eps is not None:
-            return self.eps
-        eps = getattr(pl_module, "eps", None)
-        if eps is None:
-            raise ValueError(f"CovarianceTracker source {self.source!r} needs a budget: {type(pl_module).__name__} has "
-                             "no eps, so set the tracker's eps")
-        return eps
+            attack = self.attack or self._attack_of(pl_module)
+            return attack.run(network, x, predicted, generator=generator, bounds=bounds) - x
 
     # ---- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -305,4 +305,8 @@ def _setting(entry: dict | AttackSetting) -> AttackSetting:
         return entry
     if not isinstance(entry, dict):
         raise ValueError(f"each evaluation attack is a mapping such as {{attack: pgd, eps: 8/255}}, got {entry!r}")
-    return AttackSetting(**entry)
+    setting = AttackSetting(**entry)
+    if setting.required_context():
+        raise ValueError(f"{setting.attack} runs in training only (it needs {', '.join(setting.required_context())} "
+                         "from a defense); an evaluation suite takes the other attacks of the table")
+    return setting

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.attacks import attack_mode, parse_budget, pgd
+from advtrain.attacks import AttackSetting, attack_mode
 
 from .base import AdversarialDefense
 from .outputs import DefenseOutput
@@ -135,8 +135,8 @@ class ADR(AdversarialDefense):
             nor logged). Defaults: supplementary Table 1's CIFAR-10 CNN setting (all 1) except gsmt = 0, which
             the supplementary uses everywhere (the TF CIFAR run script sets 1).
         global_scale: ``scale`` of the pair weights (TF default 0.99: different-class weight -1/99).
-        steps, step: the training PGD (on CE with the true label, uniform start, sign steps, projection);
-            step defaults to 2.5 eps / steps.
+        attack: the training attack, a setting of the attack table: ``{attack: pgd, steps: 10}`` (the default, the
+            paper's: CE with the true label, uniform start, sign steps of 2.5 eps / steps by default, projection).
         craft_in_train_mode: False (our standard, the default): craft in eval mode (BatchNorm running statistics,
             no dropout). True follows the TF code: the network stays in train mode while crafting (batch
             statistics; dropout active), with BatchNorm's running statistics left untouched.
@@ -148,7 +148,7 @@ class ADR(AdversarialDefense):
     """
 
     def __init__(self, *args, lc: float = 1.0, smt: float = 1.0, gc: float = 1.0, gsmt: float = 0.0,
-                 conf: float = 1.0, global_scale: float = 0.99, steps: int = 10, step: float | str | None = None,
+                 conf: float = 1.0, global_scale: float = 0.99, attack: dict | str | None = None,
                  craft_in_train_mode: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = {"lc": lc, "smt": smt, "gc": gc, "gsmt": gsmt, "conf": conf}
@@ -157,14 +157,12 @@ class ADR(AdversarialDefense):
                 raise ValueError(f"ADR {name} must be a number >= 0 (0 switches the term off), got {value!r}")
         if not isinstance(global_scale, (int, float)) or not 0.0 < global_scale < 1.0:
             raise ValueError(f"ADR global_scale must be in (0, 1) (TF default 0.99), got {global_scale!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"ADR steps must be an integer >= 1, got {steps!r}")
         if not hasattr(self.network, "forward_with_latent"):
             raise ValueError(f"ADR needs a network with forward_with_latent(x) -> (z, logits); "
                              f"{type(self.network).__name__} has none")
         self.global_scale = float(global_scale)
-        self.steps = steps
-        self.step = 2.5 * self.eps / steps if step is None else parse_budget(step, "step")
+        self.attack = AttackSetting.from_config(attack, self.eps, "ADR attack", default={"attack": "pgd", "steps": 10}
+                                                ).check_training((), "ADR")
         self.craft_in_train_mode = craft_in_train_mode
 
     @property
@@ -174,7 +172,7 @@ class ADR(AdversarialDefense):
     def make_adversarial(self, x: Tensor, y: Tensor) -> Tensor:
         mode = _FrozenBatchNormStatistics(self.network) if self.craft_in_train_mode else attack_mode(self.network)
         with mode:
-            return pgd(self.network, x, y, self.eps, step=self.step, steps=self.steps, bounds=self.input_bounds)
+            return self.attack.run(self.network, x, y, bounds=self.input_bounds)
 
     def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
         x_adv = self.make_adversarial(x, y)

@@ -48,8 +48,9 @@ class AdversarialDefense(pl.LightningModule):
             but stepped every batch (:class:`~advtrain.defenses.schedules.PerBatchLR`: ``CyclicLRInEpochs``,
             ``PiecewiseLinearLR``), which learn the number of batches per epoch when training starts.
         eps: the threat model's Linf budget (training attack and validation), e.g. "8/255".
-        val_attack, val_steps, val_step: the validation attack (``val/acc_robust``), e.g. PGD-10, or
-            NuAT's 7-step I-FGSM (``bim``, 7).
+        val_attack: the validation attack (``val/acc_robust``), a setting of the attack table as in an evaluation
+            suite: ``{attack: pgd, steps: 10}`` (the default), NuAT's 7-step I-FGSM ``{attack: bim, steps: 7,
+            step: 8/1785}``; its budget is ``eps`` unless it sets one.
         val_seed: seeds the validation attack's random start per batch with a private generator, so
             validation is reproducible and never consumes the global RNG (exact resume).
         val_draws: for a network with test-time randomness (two forward passes of one input differ, e.g. Tucker
@@ -67,9 +68,7 @@ class AdversarialDefense(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         eps: float | str = "8/255",
-        val_attack: str = "pgd",
-        val_steps: int | None = 10,
-        val_step: float | str | None = None,
+        val_attack: dict | str | None = None,
         val_seed: int = 0,
         val_draws: int = 10,
         val_eot: int = 10,
@@ -81,13 +80,17 @@ class AdversarialDefense(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.eps = parse_budget(eps, "eps")
-        self.val_setting = AttackSetting(attack=val_attack, eps=self.eps, steps=val_steps, step=val_step)
+        self.val_setting = AttackSetting.from_config(val_attack, self.eps, "val_attack",
+                                                     default={"attack": "pgd", "steps": 10})
+        if self.val_setting.required_context():
+            raise ValueError(f"val_attack: {self.val_setting.attack} runs in training only; choose an attack that "
+                             "an evaluation runs, e.g. {attack: pgd, steps: 10}")
         self.val_seed = val_seed
         for name, value in (("val_draws", val_draws), ("val_eot", val_eot)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if val_eot > 1 and not ATTACKS[val_attack].eot:
-            raise ValueError(f"val_eot: the validation attack {val_attack} has no EOT; choose one of "
+        if val_eot > 1 and not self.val_setting.spec.eot:
+            raise ValueError(f"val_eot: the validation attack {self.val_setting.attack} has no EOT; choose one of "
                              f"{', '.join(n for n, spec in ATTACKS.items() if spec.eot)}, or val_eot: 1")
         self.val_draws, self.val_eot = val_draws, val_eot
         self._randomized: bool | None = None  # test-time randomness, probed on the first evaluated batch

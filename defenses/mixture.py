@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.attacks import attack_mode, fgsm, parse_budget, pgd
+from advtrain.attacks import AttackSetting, attack_mode
 
 from .base import AdversarialDefense
 from .outputs import DefenseOutput
-
-MIXTURE_ATTACKS = ("fgsm", "pgd")
 
 
 class MixtureAT(AdversarialDefense):
@@ -30,9 +28,10 @@ class MixtureAT(AdversarialDefense):
         network: the classifier.
         lam: weight of the adversarial term, in [0, 1]; default 0.5 (Kurakin et al.'s and R+FGSM's even mix; the
             SGR paper's value is lost, docs/methods.md).
-        attack: ``fgsm`` (one signed step of eps from x) or ``pgd`` (uniform random start, ``steps`` signed steps
-            of ``step``, projection), both with the budget ``eps`` of the base class.
-        steps, step: PGD's iterations and step size (default 2.5 eps / steps); unused by FGSM.
+        attack: the attack that crafts xi, a setting of the attack table (any row that trains): ``{attack: fgsm}``
+            (the default, FGSM-aug: one signed step of eps from x) or ``{attack: pgd, steps: 10}`` (PGD-aug:
+            uniform random start, signed steps of 2.5 eps / steps by default), with the budget ``eps`` of the base
+            class unless it sets one.
         **kwargs: the base class's arguments (optimizer, lr_scheduler, eps, validation settings).
 
     The predicted label and the adversarial examples are computed with the network in eval mode
@@ -43,17 +42,13 @@ class MixtureAT(AdversarialDefense):
     Logged parts: ``ce_clean``, ``ce_adv``, ``lam``.
     """
 
-    def __init__(self, network: nn.Module, lam: float = 0.5, attack: str = "fgsm", steps: int = 10,
-                 step: float | str | None = None, **kwargs):
+    def __init__(self, network: nn.Module, lam: float = 0.5, attack: dict | str | None = None, **kwargs):
         super().__init__(network, **kwargs)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be a number in [0, 1] (the adversarial term's weight), got {lam!r}")
-        if attack not in MIXTURE_ATTACKS:
-            raise ValueError(f"unknown attack {attack!r} for MixtureAT; choose one of {', '.join(MIXTURE_ATTACKS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        self.lam, self.attack, self.steps = float(lam), attack, steps
-        self.step = None if step is None else parse_budget(step, "step")
+        self.lam = float(lam)
+        self.attack = AttackSetting.from_config(attack, self.eps, "MixtureAT attack", default={"attack": "fgsm"}
+                                                ).check_training((), "MixtureAT")
 
     def predicted_labels(self, x: Tensor) -> Tensor:
         """argmax f(x) in the crafting mode; stays on the device (no sync)."""
@@ -63,9 +58,7 @@ class MixtureAT(AdversarialDefense):
     def make_adversarial(self, x: Tensor, labels: Tensor) -> Tensor:
         """x + xi crafted against ``labels`` (the predicted ones in training), clipped to the input range."""
         with attack_mode(self.network):
-            if self.attack == "fgsm":
-                return fgsm(self.network, x, labels, self.eps, bounds=self.input_bounds)
-            return pgd(self.network, x, labels, self.eps, step=self.step, steps=self.steps, bounds=self.input_bounds)
+            return self.attack.run(self.network, x, labels, bounds=self.input_bounds)
 
     def defense_loss(self, x: Tensor, y: Tensor, batch_idx: int) -> DefenseOutput:
         x_adv = self.make_adversarial(x, self.predicted_labels(x))

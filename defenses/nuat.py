@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from advtrain.attacks import attack_mode, nuclear_norm, nuclear_norm_step, nuclear_two_step, parse_budget
+from advtrain.attacks import AttackSetting, attack_mode, nuclear_norm, parse_budget
 
 from .base import AdversarialDefense
 from .outputs import DefenseOutput
@@ -69,6 +69,10 @@ class NuAT(AdversarialDefense):
                 raise ValueError(f"{name} must be >= 1, got {every}")
         self.lambda_max, self.lambda_ramp_epochs = lambda_max, lambda_ramp_epochs
         self.start_scale = parse_budget(start_scale, "start_scale")
+        # the attack table's rows for NuAT's one-step and two-step attacks; the epoch decides which one runs
+        self.attacks = {steps: AttackSetting.from_config({"attack": row, "start_scale": self.start_scale}, self.eps,
+                                                         "NuAT attack")
+                        for steps, row in ((1, "nuclear"), (2, "nuclear_two_step"))}
         self.attack_steps, self.two_step_from_epoch = attack_steps, two_step_from_epoch
         self.attack_on_ema, self.nuclear_every = attack_on_ema, nuclear_every
         self.two_step_nuclear_every = two_step_nuclear_every
@@ -104,19 +108,18 @@ class NuAT(AdversarialDefense):
     def make_adversarial(self, x, y, clean_logits, lam, batch_idx):
         every = self.nuclear_every_this_epoch()
         use_nuclear = batch_idx % every == every - 1  # the official scripts: the odd batches of an epoch
-        common = dict(clean_logits=clean_logits, lam=lam, start_scale=self.start_scale, use_nuclear=use_nuclear,
-                      bounds=self.input_bounds)
+        common = dict(clean_logits=clean_logits, lam=lam, use_nuclear=use_nuclear, bounds=self.input_bounds)
         if self.steps_this_epoch() == 1:
             with attack_mode(self.network):
-                return nuclear_norm_step(self.network, x, y, self.eps, **common)
+                return self.attacks[1].run(self.network, x, y, **common)
         # two steps: as in the official NuAT2 / NuAT2-WA code, the first step's clean logits come from the
         # network that takes it (the fast EMA, or the current network in the first epoch), in eval mode
         first = self.fast_ema_network() or self.network
         with attack_mode(self.network), attack_mode(first):
             with torch.no_grad():
                 first_logits = first(x)
-            return nuclear_two_step(self.network, x, y, self.eps, first_model=first,
-                                    first_clean_logits=first_logits, **common)
+            return self.attacks[2].run(self.network, x, y, first_model=first, first_clean_logits=first_logits,
+                                       **common)
 
     def defense_loss(self, x, y, batch_idx):
         lam = self.current_lambda()

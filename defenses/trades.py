@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from advtrain.attacks import attack_mode, kl_from, parse_budget, projected_gradient
+from advtrain.attacks import AttackSetting, attack_mode
 
 from .base import AdversarialDefense
 from .outputs import DefenseOutput
@@ -14,32 +14,31 @@ from .outputs import DefenseOutput
 class TRADES(AdversarialDefense):
     """CE(f(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximizing the KL term in the eps-ball.
 
-    Follows the official code (yaodongyu/TRADES): the inner maximization starts at x + 0.001 N(0, I)
-    (projected onto the box here), takes ``steps`` signed steps of ``step`` on the summed KL with the
-    network in eval mode; the outer KL is 'batchmean'.
+    Follows the official code (yaodongyu/TRADES): the inner maximization (the attack table's ``trades_kl``) starts
+    at x + 0.001 N(0, I) (projected onto the box here), takes ``steps`` signed steps of ``step`` on the summed KL
+    with the network in eval mode; the outer KL is 'batchmean'.
 
     Args:
         beta: the trade-off (6.0 in the paper's CIFAR-10 and MNIST results).
-        step: inner step (CIFAR-10 0.007 ~ 2/255, MNIST 0.01); steps: 10 (CIFAR-10) / 40 (MNIST).
+        attack: the inner maximization, a setting of the attack table: ``{attack: trades_kl, steps: 10, step:
+            2/255}`` (the default; CIFAR-10 0.007 ~ 2/255, MNIST ``steps: 40, step: 0.01``). Any other training
+            attack (e.g. ``{attack: pgd}``, on CE) gives a TRADES variant; this defense hands each the clean logits.
     """
 
-    def __init__(self, *args, beta: float = 6.0, step: float | str = "2/255", steps: int = 10, **kwargs):
+    def __init__(self, *args, beta: float = 6.0, attack: dict | str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         self.beta = beta
-        self.step = parse_budget(step, "step")
-        self.steps = steps
+        self.attack = AttackSetting.from_config(attack, self.eps, "TRADES attack",
+                                                default={"attack": "trades_kl", "steps": 10, "step": "2/255"}
+                                                ).check_training(("clean_logits",), "TRADES")
 
     def make_adversarial(self, x, y):
         with attack_mode(self.network):
             with torch.no_grad():
                 clean_logits = self.network(x)
-            return projected_gradient(self.network, x, y, eps=self.eps, step=self.step, steps=self.steps,
-                                      loss=kl_from(clean_logits), start="normal", start_scale=0.001,
-                                      bounds=self.input_bounds)
+            return self.attack.run(self.network, x, y, bounds=self.input_bounds, clean_logits=clean_logits)
 
     def defense_loss(self, x, y, batch_idx):
         x_adv = self.make_adversarial(x, y)

@@ -82,22 +82,22 @@ def every_defense(width: int, hidden: int, steps: int) -> dict:
 
     return {
         "Standard": lambda: Standard(network=network()),
-        "PGDAT-pgd": lambda: PGDAT(network=network(), eps=0.1, attack="pgd", steps=steps),
+        "PGDAT-pgd": lambda: PGDAT(network=network(), eps=0.1, attack={"attack": "pgd", "steps": steps}),
         "PGDAT-fgsm_rs": lambda: PGDAT(network=network(), eps=0.1, attack="fgsm_rs"),
-        "TRADES": lambda: TRADES(network=network(), eps=0.1, step=0.03, steps=steps),
+        "TRADES": lambda: TRADES(network=network(), eps=0.1, attack={"step": 0.03, "steps": steps}),
         # nuclear_every=2: consecutive batches attack with and without the nuclear term (both paths run); the
         # loss has it on both
         "NuAT": lambda: NuAT(network=network(), eps=0.1, start_scale=0.05, nuclear_every=2, lambda_ramp_epochs=1),
         "NuAT2": lambda: NuAT(network=network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
                               lambda_ramp_epochs=1),
-        "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(network(), theta=0.9), eps=0.1, attack="pgd",
-                                          steps=steps),
-        "ADR": lambda: ADR(network=network(), eps=0.1, steps=steps, gsmt=1.0),  # every term on
+        "Tensorized-PGDAT": lambda: PGDAT(network=Tensorized(network(), theta=0.9), eps=0.1,
+                                          attack={"attack": "pgd", "steps": steps}),
+        "ADR": lambda: ADR(network=network(), eps=0.1, attack={"steps": steps}, gsmt=1.0),  # every term on
         "GN": lambda: GN(network=network(), lam=1.0, eps=0.1),
         # SGR with the tracker's stationary Sigma (its FFT matvec in the step; the update runs after the step)
         "SGR": lambda: (SGR(network=network(), lam=1.0, eps=0.1),
                         [CovarianceTracker(source="step_gradient", representation="stationary")]),
-        "MixtureAT-pgd": lambda: MixtureAT(network=network(), eps=0.1, attack="pgd", steps=steps),
+        "MixtureAT-pgd": lambda: MixtureAT(network=network(), eps=0.1, attack={"attack": "pgd", "steps": steps}),
     }
 
 

@@ -169,7 +169,7 @@ def test_with_every_term_off_adr_is_the_half_half_mixture_and_weights_add_up(bat
     x, y = batch
     torch.manual_seed(0)
     net = LatentMLP()
-    off = ADR(net, eps=0.1, steps=3, lc=0, smt=0, gc=0, gsmt=0, conf=0)
+    off = ADR(net, eps=0.1, attack={"steps": 3}, lc=0, smt=0, gc=0, gsmt=0, conf=0)
     torch.manual_seed(1)
     out = off.defense_loss(x, y, 0)
     mixture = 0.5 * F.cross_entropy(net(x), y) + 0.5 * F.cross_entropy(net(out.x_adv), y)
@@ -177,7 +177,7 @@ def test_with_every_term_off_adr_is_the_half_half_mixture_and_weights_add_up(bat
     assert torch.allclose(out.loss, mixture)
     assert (out.x_adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(out.x_adv, x)
 
-    on = ADR(net, eps=0.1, steps=3, lc=2.0, smt=0.5, gc=1.0, gsmt=0.25, conf=3.0)
+    on = ADR(net, eps=0.1, attack={"steps": 3}, lc=2.0, smt=0.5, gc=1.0, gsmt=0.25, conf=3.0)
     torch.manual_seed(1)
     out_on = on.defense_loss(x, y, 0)
     assert torch.equal(out_on.x_adv, out.x_adv)  # same seed, same attack
@@ -196,11 +196,11 @@ def test_crafting_mode_eval_by_default_train_mode_as_the_tf_code_keeps_running_s
     seen = []
     net.body[2].register_forward_hook(lambda m, i, o: seen.append(m.training))
     bn = net.body[2]
-    ADR(net, eps=0.1, steps=2).make_adversarial(x, y)
+    ADR(net, eps=0.1, attack={"steps": 2}).make_adversarial(x, y)
     assert seen == [False, False] and net.training
     before = {k: v.clone() for k, v in bn.named_buffers()}
     seen.clear()
-    ADR(net, eps=0.1, steps=2, craft_in_train_mode=True).make_adversarial(x, y)
+    ADR(net, eps=0.1, attack={"steps": 2}, craft_in_train_mode=True).make_adversarial(x, y)
     assert seen == [True, True]
     for name, value in bn.named_buffers():
         assert torch.equal(value, before[name]), name
@@ -208,7 +208,7 @@ def test_crafting_mode_eval_by_default_train_mode_as_the_tf_code_keeps_running_s
 
 @pytest.mark.parametrize("kwargs, message", [({"lc": -1}, "lc must be a number >= 0"),
                                              ({"global_scale": 1.5}, "global_scale must be in"),
-                                             ({"steps": 0}, "steps must be an integer")])
+                                             ({"attack": {"steps": 0}}, "steps must be an integer")])
 def test_bad_configuration_says_what_to_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ADR(LatentMLP(), **kwargs)
@@ -231,7 +231,7 @@ def test_adr_trains_on_digits_logs_every_term_and_hands_the_latent_to_callbacks(
     x, y, _, _ = digits_tensors
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=32)
-    model = ADR(LatentMLP(), eps=0.1, steps=2, gsmt=1.0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    model = ADR(LatentMLP(), eps=0.1, attack={"steps": 2}, gsmt=1.0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     keep = KeepOutputs()
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[keep])

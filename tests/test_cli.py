@@ -24,7 +24,7 @@ def event_tags(run_dir):
 
 def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
     cfg = config("demo/pgd_at.yaml")
-    advtrain("fit", "-c", cfg, "--trainer.max_epochs", 2, "--model.init_args.steps", 3, *FAST, cwd=tmp_path)
+    advtrain("fit", "-c", cfg, "--trainer.max_epochs", 2, "--model.init_args.attack.steps", 3, *FAST, cwd=tmp_path)
     run = tmp_path / "runs" / "demo" / "pgd_at" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert list((run / "checkpoints").glob("best-epoch*.ckpt"))
@@ -55,7 +55,7 @@ def test_fit_then_test_writes_results_and_tensorboard(tmp_path):
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     cfg = config("demo/pgd_at.yaml")
-    common = ["--trainer.max_epochs", 3, "--model.init_args.steps", 2, *FAST]
+    common = ["--trainer.max_epochs", 3, "--model.init_args.attack.steps", 2, *FAST]
     # SIGKILL in the middle of the second epoch: only the first epoch had finished
     straight, resumed, interrupted = straight_and_resumed(["-c", cfg, *common], 30, tmp_path)
     assert interrupted["epoch"] == 0
@@ -69,7 +69,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     (["--evaluation.attacks", '[{"attack": "pgd", "eps": -0.1}]'], "eps must be a finite number >= 0"),
     (["--evaluation.attacks", '[{"attack": "pgd", "eps": 0.1, "steps": 0}]'], "steps must be an integer >= 1"),
     (["--model.init_args.eps", "-1"], "eps must be a finite number >= 0"),
-    (["--model.init_args.steps", "0"], "steps must be an integer >= 1"),
+    (["--model.init_args.attack.steps", "0"], "steps must be an integer >= 1"),
     (["--model.init_args.epz", "0.1"], "epz"),
     (["--trainer.max_epochz", "3"], "max_epochz"),
 ])

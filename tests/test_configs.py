@@ -52,7 +52,7 @@ def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
     patch_cifar10_checksums(monkeypatch, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test("configs/cifar10/pgd_at.yaml", "--data.init_args.val_size=8",
-                                "--data.init_args.batch_size=16", "--model.init_args.steps=2")
+                                "--data.init_args.batch_size=16", "--model.init_args.attack.steps=2")
     assert type(fit.model.network).__name__ == "ResNet18"
     assert fit.trainer.global_step == 2  # 32 training images in batches of 16
     assert results["n"] == 10 and [a["name"] for a in results["attacks"]] == ["fgsm eps=8/255", "pgd-3 eps=8/255"]
@@ -78,7 +78,7 @@ def test_cifar10_trades_recipe_runs_with_a_small_wide_resnet(tmp_path, monkeypat
     patch_cifar10_checksums(monkeypatch, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test("configs/cifar10/trades.yaml", "--data.init_args.val_size=8",
-                                "--data.init_args.batch_size=16", "--model.init_args.steps=2",
+                                "--data.init_args.batch_size=16", "--model.init_args.attack.steps=2",
                                 "--model.init_args.network.init_args.depth=10",
                                 "--model.init_args.network.init_args.widen_factor=1")
     assert type(fit.model).__name__ == "TRADES" and fit.model.beta == 6.0
@@ -142,7 +142,7 @@ def test_adr_recipes_run_on_fixture_files_and_draw_the_supplementary_figures(cfg
         patch_cifar10_checksums(monkeypatch, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test(f"configs/{cfg}.yaml", "--data.init_args.val_size=10", "--data.init_args.batch_size=25",
-                                "--model.init_args.steps=2", "--model.init_args.val_steps=1")
+                                "--model.init_args.attack.steps=2", "--model.init_args.val_attack.steps=1")
     assert type(fit.model).__name__ == "ADR" and type(fit.model.network).__name__ == network
     assert fit.trainer.global_step == 2 and results["n"] == 12
     assert {"train/lc", "train/gc", "train/smt", "train/ce_clean", "train/ce_adv"} <= set(fit.trainer.logged_metrics)

@@ -49,7 +49,7 @@ def digits_variance() -> float:
 
 def fit_pgdat(callbacks, batches=4, logger=False, **trainer_args):
     pl.seed_everything(0)
-    module = PGDAT(network=DigitsMLP(), eps=0.2, steps=2, step=0.1)
+    module = PGDAT(network=DigitsMLP(), eps=0.2, attack={"steps": 2, "step": 0.1})
     trainer = pl.Trainer(**{**FAST, **trainer_args}, limit_train_batches=batches, logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=Digits())
     return module, trainer
@@ -115,7 +115,7 @@ def wrongly_labelled_batch():
 def test_sources_are_crafted_on_the_predicted_label_without_touching_the_global_rng():
     network, x, wrong, predicted = wrongly_labelled_batch()
     module = Standard(network=network, eps=0.1)
-    outputs = {"x": x, "y": wrong}
+    outputs = {"step": StepOutput(x, wrong)}
     trainer = stub_trainer()
 
     def input_gradient(labels):
@@ -125,7 +125,8 @@ def test_sources_are_crafted_on_the_predicted_label_without_touching_the_global_
     rng = torch.get_rng_state()
     xi = {}
     for source in ("gradient", "sign", "fgsm", "pgd"):
-        xi[source] = CovarianceTracker(source=source, steps=3).perturbations(trainer, module, outputs, (x, wrong))
+        configured = {"fgsm": "fgsm", "pgd": {"attack": "pgd", "steps": 3}}.get(source, source)
+        xi[source] = CovarianceTracker(source=configured).perturbations(trainer, module, outputs, (x, wrong))
     assert torch.equal(torch.get_rng_state(), rng)
     assert network.training  # mode restored
     truth = input_gradient(predicted)
@@ -181,7 +182,7 @@ def test_updates_and_sigma_g_make_no_host_sync(counter, representation):  # noqa
     dm.setup("fit")
     network, x, wrong, _ = wrongly_labelled_batch()
     module, trainer = Standard(network=network, eps=0.1), stub_trainer(dm)
-    tracker = CovarianceTracker(source="pgd", steps=2, representation=representation)
+    tracker = CovarianceTracker(source={"attack": "pgd", "steps": 2}, representation=representation)
     tracker.setup(trainer, module, "fit")
     with counter.counting():
         for i in range(3):
@@ -229,8 +230,8 @@ def test_resume_after_sigkill_is_bitwise_equal_sigma_included(tmp_path):
     overrides.write_text(
         "trainer:\n  max_epochs: 3\n  limit_train_batches: 4\n  limit_val_batches: 1\n  callbacks:\n"
         "    - class_path: advtrain.callbacks.CovarianceTracker\n"
-        "      init_args: {source: pgd, steps: 2, representation: stationary, update_every: 2}\n"
-        "model:\n  init_args:\n    steps: 2\n")
+        "      init_args: {source: {attack: pgd, steps: 2}, representation: stationary, update_every: 2}\n"
+        "model:\n  init_args:\n    attack: {steps: 2}\n")
     cfg = config("demo/pgd_at.yaml")
     fast = ["--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", 2]
     a, b, _ = straight_and_resumed(["-c", cfg, "-c", overrides, *fast], 6, tmp_path)
@@ -282,7 +283,7 @@ def test_ddp_ranks_hold_the_same_sigma_equal_to_the_global_batch_update(tmp_path
         "      init_args: {source: defense, representation: stationary, beta: 0.5}\n"
         "    - class_path: test_covariance_tracker.GlobalBatchReference\n"
         f"      init_args: {{path: {tmp_path}}}\n"
-        "model:\n  init_args:\n    steps: 2\n")
+        "model:\n  init_args:\n    attack: {steps: 2}\n")
     advtrain("fit", "-c", config("demo/pgd_at.yaml"), "-c", overrides, "--trainer.accelerator", "cpu",
              "--trainer.devices", 2, "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
              "--trainer.enable_checkpointing", "false", cwd=tmp_path,

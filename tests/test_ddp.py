@@ -23,7 +23,8 @@ def test_two_nodes_under_srun_train_resume_a_preemption_bitwise_and_test_like_on
     job ends; its 2-process test equals a one-process test example for example."""
     bin_dir, log = fake_slurm_bin(tmp_path / "bin"), tmp_path / "slurm.log"
     fit = ["fit", "-c", config("demo/pgd_at.yaml"), "--trainer.num_nodes", 2, "--trainer.strategy", "ddp",
-           "--trainer.max_epochs", 2, "--model.init_args.steps", 3, "--trainer.callbacks+=helpers.DistinctRankStreams",
+           "--trainer.max_epochs", 2, "--model.init_args.attack.steps", 3,
+           "--trainer.callbacks+=helpers.DistinctRankStreams",
            *FAST]
 
     def job(job_id, args):

@@ -34,7 +34,7 @@ def test_standard_loss_is_cross_entropy(batch):
 
 def test_pgdat_trains_on_examples_in_the_ball_and_attacks_in_eval_mode(batch):
     torch.manual_seed(0)
-    model = PGDAT(network=BNNet(), eps=0.1, steps=3)
+    model = PGDAT(network=BNNet(), eps=0.1, attack={"steps": 3})
     model.train()
     bn = model.network.body[1]
     captured = {}
@@ -56,20 +56,25 @@ def test_pgdat_trains_on_examples_in_the_ball_and_attacks_in_eval_mode(batch):
 
 
 def test_fgsm_rs_defaults_to_the_fbf_step(batch, monkeypatch):
-    import advtrain.defenses.pgd_at as pgd_at
+    from dataclasses import replace
+
+    from advtrain.attacks import ATTACKS
 
     seen = {}
-    monkeypatch.setattr(pgd_at, "fgsm_rs",
-                        lambda net, x, y, eps, step=None, bounds=None: seen.update(eps=eps, step=step) or x)
+    spy = replace(ATTACKS["fgsm_rs"], function=lambda net, x, y, eps, step=None, eot=1, bounds=None, generator=None:
+                  seen.update(eps=eps, step=step) or x)
+    monkeypatch.setitem(ATTACKS, "fgsm_rs", spy)
     PGDAT(network=BNNet(), eps="8/255", attack="fgsm_rs").defense_loss(*batch, 0)
-    assert seen["eps"] == pytest.approx(8 / 255) and seen["step"] is None  # fgsm_rs then uses 1.25 eps
-    with pytest.raises(ValueError, match="unknown training attack"):
+    assert seen["eps"] == pytest.approx(8 / 255) and seen["step"] == pytest.approx(1.25 * 8 / 255)  # the row's
+    with pytest.raises(ValueError, match="unknown attack 'cw'"):
         PGDAT(network=BNNet(), attack="cw")
+    with pytest.raises(ValueError, match="autoattack is not a training attack"):
+        PGDAT(network=BNNet(), attack="autoattack")
 
 
 def test_trades_loss_follows_its_formula(batch):
     torch.manual_seed(0)
-    model = TRADES(network=BNNet(), eps=0.1, beta=6.0, steps=2, step=0.02)
+    model = TRADES(network=BNNet(), eps=0.1, beta=6.0, attack={"steps": 2, "step": 0.02})
     model.eval()  # deterministic forward for the comparison
     x, y = batch
     x_adv = model.make_adversarial(x, y)
@@ -86,7 +91,7 @@ def test_trades_loss_follows_its_formula(batch):
 
 def test_trades_inner_maximization_raises_the_kl(batch):
     torch.manual_seed(0)
-    model = TRADES(network=BNNet(), eps=0.1, steps=5, step=0.02).eval()
+    model = TRADES(network=BNNet(), eps=0.1, attack={"steps": 5, "step": 0.02}).eval()
     x, y = batch
     x_adv = model.make_adversarial(x, y)
     noise = (x + 0.1 * torch.randn_like(x).sign()).clamp(0, 1)
@@ -127,14 +132,14 @@ def test_validation_attack_draws_from_its_own_generator():
     """The PGD random starts come from a per-batch private generator: validation gives the same numbers
     whatever the global RNG holds (and does not consume it, which exact resume relies on)."""
     torch.manual_seed(0)
-    model = PGDAT(network=BNNet(), eps=0.1, steps=2)
+    model = PGDAT(network=BNNet(), eps=0.1, attack={"steps": 2})
     data = Digits()
     torch.manual_seed(1)
     first = _trainer().validate(model, datamodule=data, verbose=False)[0]
     torch.manual_seed(2)
     second = _trainer().validate(model, datamodule=data, verbose=False)[0]
     assert first == second and first["val/acc_robust"] <= first["val/acc_clean"]
-    other_seed = PGDAT(network=model.network, eps=0.1, steps=2, val_seed=7)
+    other_seed = PGDAT(network=model.network, eps=0.1, attack={"steps": 2}, val_seed=7)
     third = _trainer().validate(other_seed, datamodule=data, verbose=False)[0]
     assert third["val/acc_clean"] == first["val/acc_clean"]
 

@@ -52,7 +52,7 @@ def hand_ema(states, decay):
 
 def fit(tmp_path, callbacks, **kwargs):
     torch.manual_seed(0)
-    model = Standard(network=SmallNet(), eps=0.1, val_steps=2)
+    model = Standard(network=SmallNet(), eps=0.1, val_attack={"steps": 2})
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                          default_root_dir=tmp_path, inference_mode=False, limit_train_batches=7,
                          limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks, **kwargs)

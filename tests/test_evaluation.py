@@ -38,7 +38,7 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def trained_net(tmp_path_factory):
     torch.manual_seed(0)
-    model = Standard(network=Net(), eps=0.1, val_steps=1)
+    model = Standard(network=Net(), eps=0.1, val_attack={"steps": 1})
     pl.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                inference_mode=False, limit_val_batches=0).fit(model, datamodule=Digits())
     return model.network.state_dict()

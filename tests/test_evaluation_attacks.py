@@ -31,7 +31,8 @@ NAMES = ["deepfool-50", "pgd-10 eps=0.1", "pgd_targeted-10 target=all eps=0.1", 
 
 def train(network, epochs=6):
     torch.manual_seed(0)
-    model = Standard(network=network, eps=0.1, val_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    model = Standard(network=network, eps=0.1, val_attack={"steps": 1},
+                     optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
                limit_val_batches=0).fit(model, datamodule=Digits())

@@ -170,7 +170,7 @@ def test_nuat_wa_trains_with_the_fast_average_from_the_second_epoch():
                 seen.append(pl_module.fast_ema_network() is not None)
 
     torch.manual_seed(0)
-    model = NuAT(network=DigitsMLP(), eps=0.1, attack_steps=2, attack_on_ema=True, val_steps=1)
+    model = NuAT(network=DigitsMLP(), eps=0.1, attack_steps=2, attack_on_ema=True, val_attack={"steps": 1})
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, inference_mode=False, limit_train_batches=3, limit_val_batches=1,
                          callbacks=[EMA(decay=0.9, attack_decay=0.5), Probe()])

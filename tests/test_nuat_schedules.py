@@ -240,7 +240,7 @@ class StopAfterEpoch(pl.Callback):
 def small_nuat():
     torch.manual_seed(0)
     # NuAT_cifar10.py's schedule shrunk to 6 epochs: up 2, down slope 3, stepped in epochs 0-3, /10 from 5
-    return NuAT(network=DigitsMLP(), eps=0.1, val_steps=1, lambda_max=3.0, lambda_ramp_epochs=4,
+    return NuAT(network=DigitsMLP(), eps=0.1, val_attack={"steps": 1}, lambda_max=3.0, lambda_ramp_epochs=4,
                 optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
                 lr_scheduler=lambda o: CyclicLRInEpochs(o, max_lr=0.1, up_epochs=2, down_epochs=3, stop_epoch=4,
                                                          milestones=[5]))

@@ -63,11 +63,11 @@ def tensorized_state(tmp_path_factory):
     """A digits MLP trained clean, its hidden layer tensorized at full rank with theta 0.7, fine-tuned a little
     (with Adam: the 1/theta rescaled draws are noisy at first and SGD at lr 0.1 diverges on this BN-free MLP)."""
     torch.manual_seed(0)
-    model = Standard(network=DigitsMLP(hidden=64), eps=0.1, val_steps=1)
+    model = Standard(network=DigitsMLP(hidden=64), eps=0.1, val_attack={"steps": 1})
     trainer = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                    inference_mode=False, limit_val_batches=0)
     pl.Trainer(max_epochs=6, **trainer).fit(model, datamodule=Digits())
-    model = Standard(network=tensorize(model.network, theta=0.7, exclude=["head"]), eps=0.1, val_steps=1,
+    model = Standard(network=tensorize(model.network, theta=0.7, exclude=["head"]), eps=0.1, val_attack={"steps": 1},
                      optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
     pl.Trainer(max_epochs=6, **trainer).fit(model, datamodule=Digits())
     return model.network.state_dict()

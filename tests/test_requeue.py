@@ -98,7 +98,7 @@ def test_array_tasks_started_together_stay_apart(tmp_path):
     another config, next to a stray hpc checkpoint of Lightning's own naming."""
     bin_dir, log = fake_slurm_bin(tmp_path / "bin"), tmp_path / "slurm.log"
     tiny = ["--trainer.limit_train_batches", 3, "--trainer.limit_val_batches", 1, *FAST]
-    command = ["fit", "-c", config("demo/pgd_at.yaml"), "--model.init_args.steps", 1, *tiny]
+    command = ["fit", "-c", config("demo/pgd_at.yaml"), "--model.init_args.attack.steps", 1, *tiny]
     tasks = {task: slurm_env(500, array_task=task, log=log, bin_dir=bin_dir) for task in (1, 2)}
     first = [*command, "--seed_everything", 1, "--trainer.max_epochs", 1]
     second = [*command, "--seed_everything", 2, "--trainer.max_epochs", 2]
@@ -158,7 +158,7 @@ def test_preempted_evaluation_attacks_only_the_batches_it_had_not_finished(tmp_p
 def test_a_signal_without_slurm_saves_and_stops_with_exit_code_3(tmp_path):
     """On one machine, ``kill -USR1`` stops a run between two steps with its state saved; ``--ckpt_path last``
     continues it (from hpc.ckpt, the newer resume point)."""
-    command = ["fit", "-c", config("demo/pgd_at.yaml"), "--trainer.max_epochs", 1, "--model.init_args.steps", 1,
+    command = ["fit", "-c", config("demo/pgd_at.yaml"), "--trainer.max_epochs", 1, "--model.init_args.attack.steps", 1,
                "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", 5, *FAST]
     proc = advtrain(*command, cwd=tmp_path, check=False, env_extra=WITH_HELPERS)
     assert proc.returncode == 3, proc.stderr

@@ -237,9 +237,10 @@ def test_bad_sgr_settings_are_rejected(bad):
         SGR(OneLayer(), **bad)
 
 
-@pytest.mark.parametrize("bad", [dict(lam=1.5), dict(attack="mim"), dict(steps=0)])
-def test_bad_mixture_settings_are_rejected(bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
+@pytest.mark.parametrize("bad,message", [(dict(lam=1.5), "lam"), (dict(attack="deepfool"), "not a training attack"),
+                                         (dict(attack={"attack": "pgd", "steps": 0}), "steps")])
+def test_bad_mixture_settings_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
         MixtureAT(OneLayer(), **bad)
 
 
@@ -255,14 +256,14 @@ def test_mixture_crafts_on_the_predicted_label_in_eval_mode(batch, attack):
     with torch.no_grad():
         predicted = network.eval()(x).argmax(1)
     y = (predicted + 1) % 10  # every label differs from the prediction
-    kwargs = dict(steps=3, step=0.05) if attack == "pgd" else {}
+    setting = {"attack": "pgd", "steps": 3, "step": 0.05} if attack == "pgd" else {"attack": "fgsm"}
     run = (lambda labels: fgsm(network, x, labels, 0.1)) if attack == "fgsm" else \
         (lambda labels: pgd(network, x, labels, 0.1, steps=3, step=0.05))
     torch.manual_seed(5)
     on_prediction = run(predicted)
     torch.manual_seed(5)
     on_label = run(y)
-    model = MixtureAT(network, lam=0.25, attack=attack, eps=0.1, **kwargs)
+    model = MixtureAT(network, lam=0.25, attack=setting, eps=0.1)
     network.train()
     torch.manual_seed(5)
     out = model.defense_loss(x, y, 0)
@@ -299,7 +300,7 @@ def test_short_digits_run_logs_finite_parts(tmp_path, sigma):
     generator = torch.Generator().manual_seed(0)
     covariance = DenseCovariance(random_spd(64, generator, torch.float32)) if sigma == "tracked" else None
     recorder = SetCovariance(covariance)
-    model = SGR(DigitsCNN(width=4, hidden=16), lam=0.5, sigma=sigma, eps=0.1, val_steps=2)
+    model = SGR(DigitsCNN(width=4, hidden=16), lam=0.5, sigma=sigma, eps=0.1, val_attack={"steps": 2})
     before = model.network.head.weight.detach().clone()
     trainer = fit(tmp_path, model, [recorder])
     metrics = trainer.callback_metrics
@@ -314,7 +315,8 @@ def test_short_digits_run_logs_finite_parts(tmp_path, sigma):
 def test_mixture_short_digits_run(tmp_path):
     torch.manual_seed(0)
     recorder = SetCovariance()
-    model = MixtureAT(DigitsCNN(width=4, hidden=16), attack="pgd", steps=2, eps=0.1, val_steps=2)
+    model = MixtureAT(DigitsCNN(width=4, hidden=16), attack={"attack": "pgd", "steps": 2}, eps=0.1,
+                      val_attack={"steps": 2})
     trainer = fit(tmp_path, model, [recorder], batches=2)
     for name in ("train/ce_clean", "train/ce_adv", "train/acc_adv"):
         assert torch.isfinite(trainer.callback_metrics[name]), name
@@ -324,7 +326,7 @@ def test_mixture_short_digits_run(tmp_path):
 
 @pytest.mark.parametrize("settings", [dict(sigma="tracked"), dict(sigma="identity", uncentred=True)])
 def test_fit_without_the_tracker_names_it(tmp_path, settings):
-    model = SGR(DigitsCNN(width=4, hidden=16), eps=0.1, val_steps=2, **settings)
+    model = SGR(DigitsCNN(width=4, hidden=16), eps=0.1, val_attack={"steps": 2}, **settings)
     with pytest.raises(ValueError, match="advtrain.callbacks.CovarianceTracker"):
         fit(tmp_path, model, [], batches=1)
 
@@ -335,7 +337,7 @@ def test_sgr_trains_with_the_covariance_tracker(tmp_path, representation):
 
     torch.manual_seed(0)
     tracker = CovarianceTracker(source="gradient", representation=representation, scale="unit", log_every_n_steps=100)
-    model = SGR(DigitsCNN(width=4, hidden=16), lam=0.5, uncentred=True, eps=0.1, val_steps=2)
+    model = SGR(DigitsCNN(width=4, hidden=16), lam=0.5, uncentred=True, eps=0.1, val_attack={"steps": 2})
     trainer = fit(tmp_path, model, [tracker], batches=3)
     assert model.covariance is tracker.covariance and tracker.updates == 3
     for name in ("train/ce", "train/omega", "train/mean_term"):

@@ -66,7 +66,7 @@ def test_every_row_of_the_tables_builds_what_its_header_says(dataset, tmp_path, 
         assert type(data).__name__ == data_class and (data.crop_padding, data.flip, data.batch_size) == (4, True, 128)
         assert cli.config["checkpoint"]["monitor"] is None  # final weights for every row
         if row in ("pgd_aug", "fgsm_aug"):
-            assert (model.attack, model.lam) == (row.split("_")[0], 0.5)
+            assert (model.attack.attack, model.lam) == (row.split("_")[0], 0.5)
         tracker = tracker_of(cli)
         if row.startswith("sgr"):
             assert model.sigma == "tracked" and not model.uncentred
@@ -113,7 +113,7 @@ def test_sgr_rows_train_and_test_on_fixture_files(config, tmp_path, monkeypatch)
         patch_cifar10_checksums(monkeypatch, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     common = ["--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
-              "--data.init_args.val_size=10", "--data.init_args.batch_size=25", "--model.init_args.val_steps=1",
+              "--data.init_args.val_size=10", "--data.init_args.batch_size=25", "--model.init_args.val_attack.steps=1",
               "--evaluation.attacks", '[{"attack": "pgd", "eps": 0.1, "steps": 2}, '
               '{"attack": "lrc", "zeta": 2, "eps": 0.1, "samples": 2}]', "--evaluation.sanity_checks=false"]
     fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs" / f"{config}.yaml"), "--trainer.max_epochs=1", *common])
@@ -135,7 +135,7 @@ SUITE = ('[{"attack": "pgd", "eps": 0.2, "steps": 3}, {"attack": "deepfool", "st
          '{"attack": "lrc", "zeta": 1, "eps": [0.1, 0.3], "samples": 4}, '
          '{"attack": "lrc", "zeta": 4, "eps": [0.1, 0.3], "samples": 4}]')
 QUICK = ["--trainer.max_epochs=2", "--trainer.limit_val_batches=1",
-         "--model.init_args.val_steps=1", "--trainer.enable_progress_bar=false", "--evaluation.limit=48",
+         "--model.init_args.val_attack.steps=1", "--trainer.enable_progress_bar=false", "--evaluation.limit=48",
          "--evaluation.sanity_checks=false"]
 
 

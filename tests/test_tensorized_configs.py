@@ -64,7 +64,7 @@ def test_cifar10_theta_0_9_starts_from_the_theta_1_checkpoint_and_is_evaluated_w
     assert "no EOT" in results["note"]
     assert {t["surrogate"] for t in results["transfer"]} == {"theta=1 (same network, randomness off)"}
     # Table 2's recipe: PGD-AT on the theta = 0.95 network, from a plain checkpoint of the same architecture
-    pgd_at, _ = fit("configs/cifar10/tensorized_pgd_at.yaml", *data, "--model.init_args.steps=2")
+    pgd_at, _ = fit("configs/cifar10/tensorized_pgd_at.yaml", *data, "--model.init_args.attack.steps=2")
     assert type(pgd_at.model).__name__ == "PGDAT" and pgd_at.model.network.network.conv1.theta == 0.95
     assert pgd_at.trainer.global_step == 2
 

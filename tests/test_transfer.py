@@ -21,7 +21,7 @@ def checkpoints(tmp_path_factory):
     paths = []
     for name in ("standard", "pgd_at"):
         cli = AdvtrainCLI(args=["fit", "-c", str(ROOT / f"configs/demo/{name}.yaml"), "--trainer.max_epochs=3",
-                                "--trainer.enable_progress_bar=false", "--model.init_args.val_steps=1",
+                                "--trainer.enable_progress_bar=false", "--model.init_args.val_attack.steps=1",
                                 f"--trainer.logger.init_args.save_dir={root / 'runs'}"])
         paths.append(last_checkpoint(cli.trainer))
     return root, paths

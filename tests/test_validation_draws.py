@@ -29,7 +29,7 @@ class Counting(nn.Module):
 
 def run(stage: str, dropout: float, **kwargs) -> tuple[Standard, dict]:
     torch.manual_seed(0)
-    model = Standard(network=Counting(dropout), eps=0.1, val_steps=3, **kwargs)
+    model = Standard(network=Counting(dropout), eps=0.1, val_attack={"steps": 3}, **kwargs)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          inference_mode=False, limit_val_batches=1, limit_test_batches=1)
     data = Digits(batch_size=16)
@@ -56,7 +56,7 @@ def test_randomized_validation_accuracy_is_the_mean_of_the_draws():
     """val/acc_clean equals the accuracy pooled over val_draws forward passes replayed with the same RNG state."""
     torch.manual_seed(0)
     network = Counting(0.5)
-    model = Standard(network=network, eps=0.1, val_steps=1, val_draws=7, val_eot=2)
+    model = Standard(network=network, eps=0.1, val_attack={"steps": 1}, val_draws=7, val_eot=2)
     data = Digits(batch_size=64)
     data.setup("validate")
     torch.manual_seed(123)  # then iterating the loader draws its base seed, as Lightning's loop does

@@ -29,7 +29,7 @@ test-gpu: install
 demo: install
 	$(PY) -m advtrain.demo
 
-# Every bench writes bench/results/<name>.json; readme_table.py then rewrites README.md's figures from them.
+# Every bench writes bench/results/<name>.json; readme_table.py then rewrites bench/README.md's figures from them.
 # bench/evaluation_cost.py needs a second checkout (--baseline), so it is run by hand; its file stays in the table.
 bench: install
 	$(PY) bench/step_cost.py

@@ -13,6 +13,8 @@ import re
 import statistics
 from pathlib import Path
 
+from advtrain.evaluation.results import EvaluationResults
+
 NO_EOT_MARK = "†"
 
 
@@ -48,11 +50,17 @@ def _group(name: str) -> str:
     return re.sub(r"best-epoch\d+", "best", name)
 
 
-def aggregate(rows: list[tuple[str, dict]], body: list[list]) -> list[list]:
+def sweep_seed(results: EvaluationResults) -> int | None:
+    """The seed of an ``advtrain sweep`` cell whose results these are (its run folder is ``seed_<N>``), else None."""
+    match = re.fullmatch(r"seed_(\d+)", results.path.parent.name) if results.path is not None else None
+    return int(match.group(1)) if match else None
+
+
+def aggregate(rows: list[tuple[str, EvaluationResults]], body: list[list]) -> list[list]:
     """One row per cell (rows of ``seed_N`` runs grouped; other rows as they are), each value a :class:`Spread`."""
     groups: dict[str, list[list]] = {}
     for (name, res), row in zip(rows, body, strict=True):
-        groups.setdefault(_group(name) if "sweep_seed" in res else name, []).append(row)
+        groups.setdefault(_group(name) if sweep_seed(res) is not None else name, []).append(row)
     out = []
     for name, members in groups.items():
         columns = list(zip(*(row[1:] for row in members)))

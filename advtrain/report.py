@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
-from .aggregate import NO_EOT_MARK, Size, UpperBound, aggregate  # the values of table cells
+from advtrain.evaluation.results import EvaluationResults, SettingResult
+
+from .aggregate import NO_EOT_MARK, Size, UpperBound, aggregate, sweep_seed  # the values of table cells
 
 RESULTS = "robustness*.json"  # robustness.json, robustness-<checkpoint>.json, ...-2.json
 class ReportError(Exception):
@@ -47,16 +48,12 @@ def find_results(paths: list[str | Path]) -> list[Path]:
     return list(found)
 
 
-def load(file: Path) -> dict:
-    """One result file, checked for the fields the table needs."""
+def load(file: Path) -> EvaluationResults:
+    """One result file, read into :class:`advtrain.evaluation.EvaluationResults`."""
     try:
-        results = json.loads(file.read_text())
-        float(results["clean"]["accuracy"])
-        for a in results["attacks"]:
-            str(a["name"]), float(a["accuracy"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ReportError(f"{file} is not a readable robustness result ({type(e).__name__}: {e})") from e
-    return results
+        return EvaluationResults.read(file)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
 
 
 def _version(run_dir: Path) -> int | None:
@@ -65,24 +62,22 @@ def _version(run_dir: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _checkpoint_order(results: dict) -> tuple:
+def _checkpoint_order(results: EvaluationResults) -> tuple:
     """Rows of one run: the evaluation of the freshest weights last (by the checkpoint's step), then by time."""
-    step = results.get("global_step")
-    return (-1 if step is None else step, str(results.get("time", "")))
+    step = results.global_step
+    return (-1 if step is None else step, str(results.time or ""))
 
 
-def collect(paths: list[str | Path], split: str = "test", latest: bool = False) -> list[tuple[str, dict]]:
+def collect(paths: list[str | Path], split: str = "test", latest: bool = False
+            ) -> list[tuple[str, EvaluationResults]]:
     """(row name, results) for every result file of ``split`` under ``paths``, sorted by experiment, version and
     checkpoint. A row evaluated from a checkpoint is named with it: ``pgd_at [best-epoch042]``."""
     files = find_results(paths)
     runs = []  # (experiment dir, version or None, results)
     for file in files:
         results = load(file)
-        if results.get("split", "test") == split:
+        if results.split == split:
             version = _version(file.parent)
-            results["results_file"] = file.name
-            if file.parent.name.startswith("seed_"):
-                results["sweep_seed"] = version
             runs.append((file.parent.parent if version is not None else file.parent, version, results))
     if not runs:
         raise ReportError(f"none of the {len(files)} result files under {', '.join(map(str, paths))} "
@@ -97,21 +92,21 @@ def collect(paths: list[str | Path], split: str = "test", latest: bool = False) 
         versions.setdefault(experiment, set()).add(v)
     rows = []
     for experiment, v, res in runs:
-        folder = f"seed_{v}" if "sweep_seed" in res else f"version_{v}"
+        folder = f"seed_{v}" if sweep_seed(res) is not None else f"version_{v}"
         name = experiment.relative_to(root).as_posix() + (f"/{folder}" if len(versions[experiment]) > 1 else "")
-        if res.get("checkpoint"):
-            name += f" [{Path(res['checkpoint']).stem}]"
+        if res.checkpoint:
+            name += f" [{Path(res.checkpoint).stem}]"
         rows.append((name, res))
     # one checkpoint evaluated twice (another suite): its rows say which results file each one is
     names = [name for name, _ in rows]
-    return [(f"{name} ({res['results_file']})" if names.count(name) > 1 else name, res) for name, res in rows]
+    return [(f"{name} ({res.path.name})" if names.count(name) > 1 else name, res) for name, res in rows]
 
 
-def _family(entry: dict) -> str | None:
+def _family(entry: SettingResult) -> str | None:
     """The setting without its budget (``pgd-20x2 eps=0.1`` -> ``pgd-20x2``); None for a budget-free attack."""
-    label = entry.get("eps_label")
+    label = entry.setting.get("eps_label")
     suffix = f" eps={label}"
-    return entry["name"][: -len(suffix)] if label is not None and entry["name"].endswith(suffix) else None
+    return entry.name[: -len(suffix)] if label is not None and entry.name.endswith(suffix) else None
 
 
 def _average(values: list) -> float | None:
@@ -121,7 +116,7 @@ def _average(values: list) -> float | None:
     return UpperBound(mean) if any(isinstance(v, UpperBound) for v in values) else mean
 
 
-def table(rows: list[tuple[str, dict]], eps_average: str | None = None
+def table(rows: list[tuple[str, EvaluationResults]], eps_average: str | None = None
           ) -> tuple[list[str], list[list[str | float | None]]]:
     """The header (experiment, clean, settings in order of first appearance, each followed by the perturbation
     metrics its attack reports) and one row per run with accuracies in percent (None where the run lacks a
@@ -134,38 +129,38 @@ def table(rows: list[tuple[str, dict]], eps_average: str | None = None
     """
     if eps_average not in (None, "add", "only"):
         raise ValueError(f"eps_average must be 'add' or 'only', got {eps_average!r}")
-    entries = [{a["name"]: a for a in reversed(res["attacks"])} for _, res in rows]
-    first = {a["name"]: a for _, res in rows for a in reversed(res["attacks"])}
-    names = list(dict.fromkeys(a["name"] for _, res in rows for a in res["attacks"]))
+    entries = [{a.name: a for a in reversed(res.attacks)} for _, res in rows]
+    first = {a.name: a for _, res in rows for a in reversed(res.attacks)}
+    names = list(dict.fromkeys(a.name for _, res in rows for a in res.attacks))
     grid: dict[str, dict[str, float]] = {}
     for name in names:
         family = _family(first[name])
         if family is not None:
-            grid.setdefault(family, {})[name] = first[name]["eps"]
+            grid.setdefault(family, {})[name] = first[name].eps
     averaged = {f: sorted(members, key=members.get) for f, members in grid.items()
                 if eps_average and len(members) > 1}
     last_of = {members[-1]: f for f, members in averaged.items()}
 
-    def accuracy(entry: dict | None):
+    def accuracy(entry: SettingResult | None):
         if entry is None:
             return None
-        return (UpperBound if entry.get("single_draw_gradient") else float)(100 * entry["accuracy"])
+        return (UpperBound if entry.single_draw_gradient else float)(100 * entry.accuracy)
 
     header, getters = ["experiment", "clean"], []
     for name in names:
         if not (eps_average == "only" and _family(first[name]) in averaged):
             header.append(name)
             getters.append(lambda found, n=name: accuracy(found.get(n)))
-            for metric in first[name].get("metrics", {}):
+            for metric in first[name].metrics or {}:
                 header.append(f"{name} {metric}")
-                getters.append(lambda found, n=name, m=metric: Size(found[n]["metrics"][m])
-                               if m in found.get(n, {}).get("metrics", {}) else None)
+                getters.append(lambda found, n=name, m=metric: Size(found[n].metrics[m])
+                               if n in found and m in (found[n].metrics or {}) else None)
         if name in last_of:
             family = last_of[name]
-            labels = ", ".join(first[n]["eps_label"] for n in averaged[family])
+            labels = ", ".join(first[n].setting["eps_label"] for n in averaged[family])
             header.append(f"{family} mean over eps {{{labels}}}")
             getters.append(lambda found, f=family: _average([accuracy(found.get(n)) for n in averaged[f]]))
-    body = [[name, 100 * res["clean"]["accuracy"], *(get(found) for get in getters)]
+    body = [[name, 100 * res.clean.accuracy, *(get(found) for get in getters)]
             for (name, res), found in zip(rows, entries, strict=True)]
     return header, body
 
@@ -190,12 +185,12 @@ def markdown(header: list[str], body: list[list]) -> str:
     return "\n".join(lines)
 
 
-def seed_table(rows: list[tuple[str, dict]], eps_average: str | None = None, per_seed: bool = False
+def seed_table(rows: list[tuple[str, EvaluationResults]], eps_average: str | None = None, per_seed: bool = False
                ) -> tuple[list[str], list[list], bool]:
     """:func:`table`, with the seeds of each ``advtrain sweep`` cell made one row of ``mean ± std (n)`` unless
     ``per_seed``; the last value says whether that happened."""
     header, body = table(rows, eps_average=eps_average)
-    if per_seed or not any("sweep_seed" in res for _, res in rows):
+    if per_seed or not any(sweep_seed(res) is not None for _, res in rows):
         return header, body, False
     return header, aggregate(rows, body), True
 
@@ -250,7 +245,7 @@ def main(argv=None) -> None:
     print(text)
     if seeds:
         print("cells of advtrain sweep: mean ± std (number of seeds); --per-seed shows each seed")
-    sizes = {res["n"] for _, res in rows if "n" in res}
+    sizes = {res.n for _, res in rows}
     if any(isinstance(v, UpperBound) or getattr(v, "upper_bound", False) for row in body for v in row):
         print(f"{NO_EOT_MARK} randomized network attacked with single-draw gradients (no EOT): an upper bound on "
               "robust accuracy")

@@ -21,8 +21,8 @@ import yaml
 from torch import nn
 
 from advtrain.attacks import AttackSetting, seeded_generator
+from advtrain.evaluation import Accuracy, is_randomized, load_network, model_hash
 from advtrain.evaluation import craft as craft_batch
-from advtrain.evaluation import is_randomized, load_network, model_hash
 
 
 def short_names(checkpoints: list[str]) -> list[str]:
@@ -58,7 +58,9 @@ def craft(network: nn.Module, datamodule, setting: AttackSetting, limit, batch_s
 
 
 @torch.no_grad()
-def accuracy(network: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, batch_size, device):
+def accuracy(network: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, batch_size,
+             device) -> Accuracy:
+    """Robust accuracy of ``network`` on crafted examples (correct both clean and attacked)."""
     correct = 0
     for start in range(0, len(y), batch_size):
         sl = slice(start, start + batch_size)
@@ -66,7 +68,7 @@ def accuracy(network: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: 
         clean_ok = network(x_clean[sl].to(device)).argmax(1) == yb
         adv_ok = network(x_adv[sl].to(device)).argmax(1) == yb
         correct += int((clean_ok & adv_ok).sum())
-    return correct / max(len(y), 1)
+    return Accuracy.counted(correct, len(y))
 
 
 def transfer_matrix(template: nn.Module, datamodule, checkpoints: list[str], setting: AttackSetting,
@@ -90,7 +92,8 @@ def transfer_matrix(template: nn.Module, datamodule, checkpoints: list[str], set
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(saved, path)
-        row = [accuracy(target, clean, saved["x_adv"], saved["y"], batch_size, device) for target in networks]
+        row = [accuracy(target, clean, saved["x_adv"], saved["y"], batch_size, device).accuracy
+               for target in networks]
         matrix.append(row)
     return {"sources": names, "targets": names, "checkpoints": [str(c) for c in checkpoints],
             "setting": setting.as_dict(), "name": setting.name, "n": len(clean), "accuracy": matrix}

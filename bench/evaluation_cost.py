@@ -48,7 +48,7 @@ def worker(repo: str, threads: int) -> None:
         start = time.perf_counter()
         trainer.test(model, datamodule=Digits(), verbose=False)
         seconds.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": min(seconds), "correct": [a["correct"] for a in evaluation.results["attacks"]]}))
+    print(json.dumps({"seconds": min(seconds), "correct": [a.score.correct for a in evaluation.results.attacks]}))
 
 
 def measure(repo: str, threads: int) -> dict:

@@ -1,13 +1,14 @@
-"""Write the figures of README.md's "## Performance" section from the result files in bench/results/.
+"""Write the performance figures of bench/README.md from the result files in bench/results/.
 
-    python bench/readme_table.py            # rewrite the part of README.md between the bench markers
-    python bench/readme_table.py --check    # exit 1, showing the difference, when README.md says otherwise
+    python bench/readme_table.py            # rewrite the part of bench/README.md between the bench markers
+    python bench/readme_table.py --check    # exit 1, showing the difference, when bench/README.md says otherwise
 
 Every figure between ``<!-- bench:begin ... -->`` and ``<!-- bench:end -->`` comes from a JSON file that a bench
 script wrote (``make bench`` runs them, then this script), with the machine, threads, date and batch of that file
 next to it. Measured ratios are written "N.NNx"; estimates from theory never are ("about 7.7 times"). A file
 written before the benches recorded a key (the machine, the date, the NuAT settings) shows it as not recorded; a
-bench without a results file has no figures here.
+bench without a results file has no figures here. The top-level README.md quotes no figures: it links to
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ TEXTS = {"step_cost": step_cost_text, "tensorized_cost": tensorized_cost_text,
 
 
 def render(results: dict[str, dict]) -> str:
-    """The generated part of the Performance section, markers included."""
+    """The generated part of bench/README.md, markers included."""
     blocks = [BEGIN, table(results), "Where each file was measured:\n\n" + sources(results)]
     blocks += [text(results[name]) for name, text in TEXTS.items() if name in results]
     return "\n\n".join(blocks) + "\n" + END
@@ -272,8 +273,9 @@ def replace_section(readme: str, generated: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page differs")
+    parser.add_argument("--readme", type=Path, default=ROOT / "bench" / "README.md",
+                        help="the page with the bench markers (default: bench/README.md)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     readme = args.readme.read_text()

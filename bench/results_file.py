@@ -4,7 +4,7 @@ Each bench script builds its own result (settings, seconds, ``ratios``) and hand
 which puts in front of it where and when it was measured: the machine, the processor, the CPU count, the device,
 torch's thread count, the torch version and the UTC date. A key the script sets itself wins
 (``evaluation_cost.py`` measures in worker processes and states their thread count). ``bench/readme_table.py``
-turns these files into the README's performance figures.
+turns these files into the performance figures of bench/README.md.
 """
 
 from __future__ import annotations

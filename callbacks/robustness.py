@@ -4,9 +4,10 @@ over the engine in ``evaluation/``."""
 from __future__ import annotations
 
 import functools
-import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -18,10 +19,14 @@ from advtrain.attacks import AttackSetting, attack_mode
 from advtrain.evaluation import (
     LARGE_EPS,
     BatchCache,
+    EvaluationResults,
+    Run,
     Tally,
+    batch_loader,
     check_threat_model,
     evaluate_batch,
     fingerprint,
+    free_stem,
     is_randomized,
     load_network,
     markdown_table,
@@ -39,50 +44,28 @@ from advtrain.networks.randomness import declares_randomness
 from .requeue import Requeue, stop_requested
 
 
-def _whole_batch(batch):
-    """Collate for datasets whose ``__getitems__`` already returns a whole batch."""
-    return batch
-
-
 class RobustnessEvaluation(pl.Callback):
     """Measure clean and robust accuracy under a configurable suite of attacks.
 
-    When it runs: at the end of ``advtrain test`` (``on_test_epoch_end``), and after ``fit`` too if
-    ``after_fit`` is set. It loads the datamodule's ``split`` itself (``eval_dataset``), so every
-    example is attacked exactly once: under DDP, rank r attacks batches r, r + W, r + 2W, ... of the
-    one-process batching, each batch's random starts come from a generator seeded by (seed, setting,
-    batch), and the per-example results are summed across ranks, so totals equal a one-process run
-    example for example.
+    When it runs: at the end of ``advtrain test``, and after ``fit`` too with ``after_fit``. It loads the
+    datamodule's ``split`` itself, so every example is attacked exactly once: under DDP rank r attacks batches
+    r, r + W, ... of the one-process batching with random starts seeded by (seed, setting, batch), and the
+    per-example results are summed, so totals equal a one-process run example for example.
 
-    An example counts as robust when it is classified correctly both clean and under the attack
-    (AutoAttack's convention: robust accuracy can never exceed clean accuracy). For a randomized network
-    each draw counts as robust when it classifies the adversarial input correctly (the clean forward is
-    another, independent draw). Attacks that report perturbation sizes (DeepFool's rho and median L2) add
-    them to their entry (``metrics``) and to the table.
+    An example is robust when it is classified correctly both clean and attacked (AutoAttack's convention). A
+    randomized network is judged over ``draws`` forward passes (mean, std and worst case, never one pass); a
+    setting attacked with single-draw gradients (no EOT) is marked as an upper bound, and a tensorized network
+    is also attacked at theta = 1 (the omniscient attacker) as a transfer row. With ``sanity_checks``, PGD at
+    eps 0 and at half the input range run too, and :mod:`advtrain.evaluation.sanity`'s verdicts go into the
+    results. See docs/evaluation.md.
 
-    Randomized networks (two forward passes of one input differ) are evaluated over ``draws`` forward
-    passes of the clean and the adversarial inputs: the results give the mean accuracy over draws, its
-    standard deviation and the worst case (robust in every draw), never one forward pass. Each setting
-    records its ``eot_samples``; a setting whose gradients came from single draws (no EOT) on a randomized
-    network is marked so in the JSON (``single_draw_gradient``), the markdown and the note. For a
-    tensorized randomized network with ``sanity_checks``, every suite setting is also crafted on the same
-    network at theta = 1 (the omniscient attacker) as a transfer row, and the sanity checks verify that
-    this transfer attack is not stronger than the white-box one.
+    Resumable: each finished batch is saved under ``<run dir>/<filename>_batches/<fingerprint>/`` (the
+    fingerprint covers the weights, the suite, the seed and the split), and a rerun attacks only the others.
 
-    Resumable: each finished batch is saved under ``<run dir>/<filename>_batches/<fingerprint>/``
-    (the fingerprint covers the weights, the suite, the seed and the split); a rerun after a crash
-    loads those and attacks only the missing batches. The folder is removed once the results are written.
-
-    Sanity checks (``sanity_checks``): PGD at eps 0 and at eps 0.5 are run too, and the verdicts of
-    :func:`advtrain.evaluation.sanity_verdicts` go into the results and, when one fails, the log.
-
-    Writes ``robustness-<checkpoint>.json`` (``robustness.json`` for a network evaluated without a checkpoint:
-    every setting with its accuracy, counts, seed, model hash, the checkpoint with its epoch and step,
-    per-example outcomes, sanity verdicts) and the matching ``.md`` into the run directory, and
-    ``robustness/<setting>`` TensorBoard scalars. Results are never replaced by another evaluation's: a file of
-    that name holding another evaluation (other weights or another suite) keeps its name and the new results go
-    to ``robustness-<checkpoint>-2.json`` (``-3``, ...); only a rerun of the very same evaluation replaces its
-    own file, and says so. ``results_path`` is the file written.
+    Writes ``robustness-<checkpoint>.json`` (:class:`advtrain.evaluation.EvaluationResults`; ``robustness.json``
+    without a checkpoint), the matching ``.md`` and ``robustness/<setting>`` TensorBoard scalars. A file holding
+    another evaluation is never replaced: the new one goes to ``...-2.json``; only a rerun of the very same
+    evaluation replaces its own file, and says so. ``results_path`` is the file written.
 
     Args:
         attacks: the suite, e.g. ``[{attack: fgsm, eps: [2/255, 8/255]}, {attack: pgd, eps: 8/255,
@@ -122,7 +105,7 @@ class RobustnessEvaluation(pl.Callback):
         self.sanity_checks, self.resume, self.surrogates = sanity_checks, resume, list(surrogates or [])
         self.bounds = (0.0, 1.0)  # the datamodule's input range, read when the evaluation runs
         self.sanity_settings = self._sanity_settings()
-        self.results: dict | None = None
+        self.results: EvaluationResults | None = None
         self.results_path: Path | None = None
         self.computed_batches: list[int] = []
 
@@ -164,12 +147,8 @@ class RobustnessEvaluation(pl.Callback):
 
     def _loader(self, trainer, dataset, batches) -> DataLoader:
         datamodule = trainer.datamodule
-        inner = dataset.dataset if isinstance(dataset, Subset) else dataset
-        # in-memory datasets hand out whole batches (__getitems__); file datasets go through default collate
-        collate = _whole_batch if hasattr(inner, "__getitems__") else None
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                          num_workers=getattr(datamodule, "num_workers", 0),
-                          pin_memory=getattr(datamodule, "pin_memory", False))
+        return batch_loader(dataset, batches, getattr(datamodule, "num_workers", 0),
+                            getattr(datamodule, "pin_memory", False))
 
     def _inputs(self, trainer, pl_module, batch):
         prepare = getattr(pl_module, "prepare_input", lambda x: x)
@@ -180,124 +159,125 @@ class RobustnessEvaluation(pl.Callback):
     def on_batch_done(self, batch_idx: int) -> None:
         """Called after each attacked batch has been saved (a seam for progress reporting and tests)."""
 
-    # ---- the evaluation --------------------------------------------------------------------------
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+    # ---- the evaluation, stage by stage --------------------------------------------------------
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EvaluationResults:
         """Run the suite; return (and store in ``self.results``) the results on every rank."""
-        network = pl_module.network
         dataset = self._dataset(trainer)
         self.bounds = tuple(float(b) for b in getattr(trainer.datamodule, "input_bounds", (0.0, 1.0)))
         self.sanity_settings = self._sanity_settings()
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
+        with torch.inference_mode(False), torch.enable_grad(), attack_mode(pl_module.network), \
+                trainer.precision_plugin.forward_context():
+            plan = self._plan(trainer, pl_module, dataset, out_dir)
+            self._attack(trainer, pl_module, dataset, plan)
+            tally = Tally(len(dataset), len(plan.runs), plan.draws, metric_keys(plan.runs))
+            for batch_idx in plan.own:
+                tally.add(plan.batches[batch_idx], plan.cache.load(batch_idx))
+        device = pl_module.device
+        tally.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
+        self.results = self._identified(summarize(plan.runs, tally, plan.randomized, self.sanity_checks),
+                                        trainer, pl_module, plan)
+        self._report(trainer, out_dir, Path(self.results.checkpoint).stem if self.results.checkpoint else None)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            plan.cache.remove()
+        return self.results
+
+    def _plan(self, trainer, pl_module, dataset, out_dir: Path) -> _Plan:
+        """The batches, whether the network is randomized, the runs, the cache and this rank's share."""
+        network = pl_module.network
         n = len(dataset)
         batch_size = self.batch_size or getattr(trainer.datamodule, "eval_batch_size", None) or 128
         batches = list(BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False))
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         surrogates = [(path, load_network(network, path).to(pl_module.device)) for path in self.surrogates]
+        # every rank probes batch 0 itself, so all take the same decision without communicating
+        probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
+        randomized = is_randomized(network, probe_x)
+        draws = self.draws if randomized else 1
+        theta_one = randomized and self.sanity_checks and declares_randomness(network)
+        runs = plan_runs(self.settings, network, surrogates, theta_one, self.sanity_settings)
+        runs = [run._replace(setting=with_version(run.setting, randomized)) for run in runs]
+        digest = model_hash(network)
+        cache = BatchCache(out_dir / f"{self.filename}_batches",
+                           fingerprint(self.settings + self.sanity_settings, self.surrogates, self.seed,
+                                       self.split, n, batch_size, draws, digest))
+        return _Plan(batches, runs, randomized, draws, digest, cache,
+                     own_batches(len(batches), trainer.global_rank, trainer.world_size))
 
-        with torch.inference_mode(False), torch.enable_grad(), attack_mode(network), \
-                trainer.precision_plugin.forward_context():
-            # every rank probes batch 0 itself, so all take the same decision without communicating
-            probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
-            randomized = is_randomized(network, probe_x)
-            draws = self.draws if randomized else 1
-            theta_one = randomized and self.sanity_checks and declares_randomness(network)
-            runs, transfer = plan_runs(self.settings, network, surrogates, theta_one, self.sanity_settings)
-            runs = [run._replace(setting=with_version(run.setting, randomized)) for run in runs]
-            digest = model_hash(network)
-            cache = BatchCache(out_dir / f"{self.filename}_batches",
-                               fingerprint(self.settings + self.sanity_settings, self.surrogates, self.seed,
-                                           self.split, n, batch_size, draws, digest))
-            tally = Tally(n, len(runs), draws, metric_keys(runs))
-            own = own_batches(len(batches), trainer.global_rank, trainer.world_size)
-            todo = [b for b in own if not (self.resume and cache.has(b))]
-            if len(todo) < len(own):
-                rank_zero_info(f"robustness: reusing {len(own) - len(todo)} of {len(own)} batches saved by an "
-                               "interrupted evaluation")
-            loader = iter(self._loader(trainer, dataset, [batches[b] for b in todo]))
-            # one step per (batch, setting), named by the setting that runs: AutoAttack on a batch takes minutes
-            bar = tqdm(total=len(todo) * len(runs), desc="robustness", leave=False, unit="setting",
-                       disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
+    def _attack(self, trainer, pl_module, dataset, plan: _Plan) -> None:
+        """Attack this rank's batches that the cache lacks, saving each; stop (and requeue) on a stop signal."""
+        todo = [b for b in plan.own if not (self.resume and plan.cache.has(b))]
+        if len(todo) < len(plan.own):
+            rank_zero_info(f"robustness: reusing {len(plan.own) - len(todo)} of {len(plan.own)} batches saved by "
+                           "an interrupted evaluation")
+        loader = iter(self._loader(trainer, dataset, [plan.batches[b] for b in todo]))
+        # one step per (batch, setting), named by the setting that runs: AutoAttack on a batch takes minutes
+        bar = tqdm(total=len(todo) * len(plan.runs), desc="robustness", leave=False, unit="setting",
+                   disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
 
-            def on_run(where: str, i: int) -> None:
-                bar.update(i > 0)
-                bar.set_postfix_str(f"{where}: {runs[i].setting.name}")
+        def on_run(where: str, i: int) -> None:
+            bar.update(i > 0)
+            bar.set_postfix_str(f"{where}: {plan.runs[i].setting.name}")
 
-            requeue = next((cb for cb in trainer.callbacks if isinstance(cb, Requeue)), None)
-            # every rank looks for a stop signal as often as rank 0 (the one with the most batches) does: under DDP
-            # that look is a collective
-            done = 0
-            for i in range(len(own_batches(len(batches), 0, trainer.world_size))):
-                if i < len(own) and own[i] in todo:
-                    done += 1
-                    x, y = self._inputs(trainer, pl_module, next(loader))
-                    result = evaluate_batch(network, runs, x, y, own[i], draws, self.seed, self.bounds,
-                                            functools.partial(on_run, f"batch {done}/{len(todo)}"))
-                    bar.update(1)
-                    cache.save(own[i], result)
-                    self.computed_batches.append(own[i])
-                    self.on_batch_done(own[i])
-                if requeue is not None and stop_requested(trainer):
-                    bar.close()
-                    requeue.stop(trainer, f"robustness evaluation stopped: its finished batches are saved in "
-                                          f"{cache.folder}, and the same command attacks only the others")
-            bar.close()
-            for batch_idx in own:
-                tally.add(batches[batch_idx], cache.load(batch_idx))
+        requeue = next((cb for cb in trainer.callbacks if isinstance(cb, Requeue)), None)
+        # every rank looks for a stop signal as often as rank 0 (the one with the most batches) does: under DDP
+        # that look is a collective
+        done = 0
+        for i in range(len(own_batches(len(plan.batches), 0, trainer.world_size))):
+            if i < len(plan.own) and plan.own[i] in todo:
+                done += 1
+                x, y = self._inputs(trainer, pl_module, next(loader))
+                result = evaluate_batch(pl_module.network, plan.runs, x, y, plan.own[i], plan.draws, self.seed,
+                                        self.bounds, functools.partial(on_run, f"batch {done}/{len(todo)}"))
+                bar.update(1)
+                plan.cache.save(plan.own[i], result)
+                self.computed_batches.append(plan.own[i])
+                self.on_batch_done(plan.own[i])
+            if requeue is not None and stop_requested(trainer):
+                bar.close()
+                requeue.stop(trainer, f"robustness evaluation stopped: its finished batches are saved in "
+                                      f"{plan.cache.folder}, and the same command attacks only the others")
+        bar.close()
 
-        device = pl_module.device
-        tally.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
-        part = summarize(runs, transfer, len(self.settings), tally, randomized, self.sanity_checks)
+    def _identified(self, results: EvaluationResults, trainer, pl_module, plan: _Plan) -> EvaluationResults:
+        """``results`` with what identifies the evaluation: split, seed, model, weights, checkpoint, time."""
         # after fit the weights are the final ones (a resumed fit's ckpt_path is where it started, not them)
         ckpt = getattr(trainer, "ckpt_path", None) if trainer.state.fn != "fit" else None
         # a test run starts at step 0: the checkpoint's own epoch and step say which weights these are
         loaded = (getattr(pl_module, "loaded_checkpoint", None) or {}) if ckpt else {}
-        self.results = {
-            "split": self.split, "n": part.pop("n"), "seed": self.seed, **part,
-            "model": type(pl_module).__name__, "network": type(network).__name__,
-            "model_hash": digest, "checkpoint": str(ckpt) if ckpt else None,
-            "epoch": loaded.get("epoch", trainer.current_epoch),
-            "world_size": trainer.world_size, "global_step": loaded.get("global_step", trainer.global_step),
-            "fingerprint": cache.folder.name,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self._report(trainer, out_dir, Path(ckpt).stem if ckpt else None)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            cache.remove()
-        return self.results
-
-    def _target(self, out_dir: Path, checkpoint: str | None) -> Path:
-        """``<filename>[-<checkpoint>][-k].json``: the first name that is free or holds this very evaluation."""
-        stem = self.filename + (f"-{checkpoint}" if checkpoint else "")
-        path, k = out_dir / f"{stem}.json", 1
-        while path.exists():
-            try:
-                earlier = json.loads(path.read_text())
-            except (OSError, ValueError):
-                earlier = {}
-            if earlier.get("fingerprint") == self.results["fingerprint"]:
-                rank_zero_info(f"Robustness: replacing {path}, the results of this same evaluation (same weights, "
-                               "suite, seed and data)")
-                break
-            k += 1
-            path = out_dir / f"{stem}-{k}.json"
-        return path
+        return replace(results, split=self.split, seed=self.seed, model=type(pl_module).__name__,
+                       network=type(pl_module.network).__name__, model_hash=plan.digest,
+                       checkpoint=str(ckpt) if ckpt else None, epoch=loaded.get("epoch", trainer.current_epoch),
+                       world_size=trainer.world_size,
+                       global_step=loaded.get("global_step", trainer.global_step), fingerprint=plan.cache.folder.name,
+                       time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def _report(self, trainer, out_dir: Path, checkpoint: str | None = None) -> None:
         results = self.results
-        table = markdown_table(results)
-        rank_zero_info(f"\nRobustness ({results['model']}, {results['split']} split, n={results['n']}"
-                       f"{', randomized: ' + str(results['draws']) + ' draws' if results['randomized'] else ''}):"
-                       f"\n{table}")
-        for v in results["sanity"]["verdicts"]:
-            if not v["passed"]:
-                rank_zero_warn(f"sanity check {v['check']} failed: {v['detail']}. Likely cause: {v['likely_cause']}")
+        rank_zero_info(f"\nRobustness ({results.model}, {results.split} split, n={results.n}"
+                       f"{', randomized: ' + str(results.draws) + ' draws' if results.randomized else ''}):"
+                       f"\n{markdown_table(results)}")
+        for v in results.failed_verdicts:
+            rank_zero_warn(f"sanity check {v.check} failed: {v.detail}. Likely cause: {v.likely_cause}")
         if trainer.is_global_zero:
-            target = self._target(out_dir, checkpoint)
-            self.results_path = write_results(results, out_dir, target.stem)
+            stem = self.filename + (f"-{checkpoint}" if checkpoint else "")
+            self.results_path = write_results(results, out_dir, free_stem(out_dir, stem, results.fingerprint))
             rank_zero_info(f"Robustness results written to {self.results_path}")
-        self.results_path = Path(trainer.strategy.broadcast(str(self.results_path)))
+        self.results_path = results.path = Path(trainer.strategy.broadcast(str(self.results_path)))
         if trainer.logger is not None:
             trainer.logger.log_metrics(scalars(results), step=trainer.global_step)
+
+
+class _Plan(NamedTuple):
+    """What one evaluation attacks, and where its finished batches go."""
+
+    batches: list[list[int]]
+    runs: list[Run]
+    randomized: bool
+    draws: int
+    digest: str
+    cache: BatchCache
+    own: list[int]
 
 
 def _setting(entry: dict | AttackSetting) -> AttackSetting:

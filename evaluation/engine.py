@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from advtrain.attacks import AttackSetting, seeded_generator
 from advtrain.attacks.metrics import METRICS
@@ -26,36 +27,38 @@ from advtrain.attacks.metrics import METRICS
 from .threat import craft
 
 
-class Run(NamedTuple):
-    """One attack setting and the network its examples are crafted on (the evaluated one, or a surrogate)."""
-
-    setting: AttackSetting
-    source: nn.Module
-
-
 class TransferSource(NamedTuple):
-    """Where a transfer run's examples come from, and the white-box setting it is compared with."""
+    """Where a transfer run's examples come from, and the white-box setting of the suite it is compared with."""
 
     source: str
     label: str
     white_box_index: int
 
 
+class Run(NamedTuple):
+    """One attack setting, the network its examples are crafted on (the evaluated one, or a surrogate), and its
+    role: ``suite`` (white-box), ``transfer`` (then ``transfer`` says from where) or ``sanity``."""
+
+    setting: AttackSetting
+    source: nn.Module
+    role: str = "suite"
+    transfer: TransferSource | None = None
+
+
 def plan_runs(settings: list[AttackSetting], network: nn.Module, surrogates: list[tuple[str, nn.Module]],
-              theta_one: bool, sanity_settings: list[AttackSetting]) -> tuple[list[Run], list[TransferSource]]:
+              theta_one: bool, sanity_settings: list[AttackSetting]) -> list[Run]:
     """The white-box suite on ``network``; every setting again from each surrogate checkpoint and, with
     ``theta_one``, from the same network at theta = 1 (settings already omniscient are that attack); then the
-    sanity runs. Returns the runs and, per transfer run, its source."""
+    sanity runs."""
     runs = [Run(s, network) for s in settings]
-    transfer = []
     for path, surrogate in surrogates:
-        runs += [Run(s, surrogate) for s in settings]
-        transfer += [TransferSource(path, Path(path).stem, j) for j in range(len(settings))]
+        runs += [Run(s, surrogate, "transfer", TransferSource(path, Path(path).stem, j))
+                 for j, s in enumerate(settings)]
     if theta_one:
-        indices = [j for j, s in enumerate(settings) if not s.omniscient]
-        runs += [Run(replace(settings[j], omniscient=True), network) for j in indices]
-        transfer += [TransferSource("theta=1 (same network, randomness off)", "theta=1", j) for j in indices]
-    return runs + [Run(s, network) for s in sanity_settings], transfer
+        runs += [Run(replace(s, omniscient=True), network, "transfer",
+                     TransferSource("theta=1 (same network, randomness off)", "theta=1", j))
+                 for j, s in enumerate(settings) if not s.omniscient]
+    return runs + [Run(s, network, "sanity") for s in sanity_settings]
 
 
 def metric_keys(runs: list[Run]) -> list[tuple[int, str]]:
@@ -80,12 +83,13 @@ def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, ba
     adversarial input correctly. ``on_run(i)`` is called before run i starts (progress reporting)."""
     clean_ok = correct(network, x, y, draws)
     robust, seconds, metrics = [], [], {}
-    for i, (setting, source) in enumerate(runs):
+    for i, run in enumerate(runs):
+        setting = run.setting
         if on_run is not None:
             on_run(i)
         t0 = time.perf_counter()
         generator = seeded_generator(x.device, seed, i, batch_idx)
-        x_adv = craft(setting, source, x, y, generator, bounds)
+        x_adv = craft(setting, run.source, x, y, generator, bounds)
         adv_ok = correct(network, x_adv, y, draws)
         robust.append(adv_ok if draws > 1 else clean_ok & adv_ok)
         for name in setting.spec.metrics:
@@ -96,6 +100,20 @@ def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, ba
     return {"clean": clean_ok.sum(0).cpu(), "robust": robust.sum(1).cpu(),
             "clean_per_draw": clean_ok.sum(1).cpu(), "robust_per_draw": robust.sum(2).cpu(),
             "seconds": torch.tensor(seconds, dtype=torch.float64), "metrics": metrics}
+
+
+def _whole_batch(batch):
+    """Collate for datasets whose ``__getitems__`` already returns a whole batch."""
+    return batch
+
+
+def batch_loader(dataset, batches: list[list[int]], num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A loader of exactly ``batches`` (lists of indices) of ``dataset``: in-memory datasets hand out whole batches
+    (``__getitems__``); file datasets go through default collate."""
+    inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+    collate = _whole_batch if hasattr(inner, "__getitems__") else None
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory)
 
 
 def own_batches(n_batches: int, rank: int, world: int) -> list[int]:

@@ -5,8 +5,8 @@ appendix Fig. 4: GN against SGR).
     advtrain report runs/mnist/{gn,sgr} --latest --lrc-plot runs/mnist/lrc.png --tensorboard runs/mnist/figures
 
 The input is what ``advtrain report`` collects: (row name, results) pairs, the results being the
-``robustness*.json`` files :func:`advtrain.evaluation.writers.write_results` writes. Each ``lrc`` entry of
-``results["attacks"]`` carries its ``zeta``, ``eps`` (the per-pixel standard deviation), ``eps_label`` and
+``robustness*.json`` files :func:`advtrain.evaluation.writers.write_results` writes. Each ``lrc`` setting of
+``results.attacks`` carries its ``zeta``, ``eps`` (the per-pixel standard deviation), ``eps_label`` and
 ``accuracy`` (a fraction; for a randomized network the mean over draws). Entries drawn from a data set's
 covariance (``covariance`` set) have no decay length and are left out, as are settings with a channel
 correlation other than the paper's 0.5 (another covariance, not another point of the curve).
@@ -20,24 +20,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .results import EvaluationResults
+
 MEAN = "mean over eps"
 PAPER_CHANNEL_CORRELATION = 0.5  # intra 1, inter 0.5 (section 4.3)
 
 
-def lrc_curves(rows: list[tuple[str, dict]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def lrc_curves(rows: list[tuple[str, EvaluationResults]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """``{row: {eps label or MEAN: [(zeta, accuracy in percent), ...] by increasing zeta}}`` for every row with
     LRC results (rows without any are left out). Panels are ordered by budget, the mean last."""
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name, results in rows:
         by_eps: dict[tuple[float, str], dict[float, float]] = {}  # (eps, eps label) -> {zeta: accuracy}
-        for entry in results["attacks"]:
-            if entry.get("attack") != "lrc" or entry.get("covariance") is not None or entry.get("omniscient"):
+        for entry in results.attacks:
+            setting = entry.setting
+            if entry.attack != "lrc" or setting.get("covariance") is not None or setting.get("omniscient"):
                 continue
-            if float(entry.get("channel_correlation", PAPER_CHANNEL_CORRELATION)) != PAPER_CHANNEL_CORRELATION:
+            if float(setting.get("channel_correlation", PAPER_CHANNEL_CORRELATION)) != PAPER_CHANNEL_CORRELATION:
                 continue
-            key = (float(entry["eps"]), str(entry["eps_label"]))
+            key = (float(entry.eps), str(setting["eps_label"]))
             # the last entry of a setting wins, as in advtrain report (a rerun appends)
-            by_eps.setdefault(key, {})[float(entry["zeta"])] = 100 * float(entry["accuracy"])
+            by_eps.setdefault(key, {})[float(setting["zeta"])] = 100 * entry.accuracy
         if not by_eps:
             continue
         row: dict[str, list[tuple[float, float]]] = {}
@@ -97,7 +100,7 @@ def plot_lrc(curves: dict[str, dict[str, list[tuple[float, float]]]], title: str
     return fig
 
 
-def write_lrc_figure(rows: list[tuple[str, dict]], png: str | Path | None = None,
+def write_lrc_figure(rows: list[tuple[str, EvaluationResults]], png: str | Path | None = None,
                      tensorboard: str | Path | None = None) -> dict:
     """Draw the LRC figure of ``rows`` into ``png`` and/or a TensorBoard event file in ``tensorboard`` (the figure
     as the image ``lrc/accuracy_vs_zeta``, and each curve as scalars ``lrc/<panel>/<row>`` with the step = zeta,

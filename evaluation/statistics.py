@@ -5,70 +5,59 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor
-
 from advtrain.attacks.metrics import METRICS
 
-from .engine import Run, Tally, TransferSource
+from .engine import Run, Tally
+from .results import Accuracy, EvaluationResults, SettingResult
 from .sanity import sanity_verdicts
 
 
-def accuracy_summary(per_example: Tensor, per_draw: Tensor, draws: int) -> dict:
-    """``per_example``: draws survived per example; ``per_draw``: examples correct per draw."""
-    n = max(len(per_example), 1)
-    per_draw_acc = per_draw.double() / n
-    return {"correct": int((per_example == draws).sum()), "n": len(per_example),
-            "accuracy": float(per_draw_acc.mean()),
-            "accuracy_std": float(per_draw_acc.std()) if draws > 1 else 0.0,
-            "accuracy_worst": float((per_example == draws).double().sum() / n)}
+def setting_result(run: Run, index: int, tally: Tally, randomized: bool) -> SettingResult:
+    """Run ``index``'s accuracy, cost and metrics; a transfer run's setting names its source."""
+    setting = run.setting.as_dict()
+    setting.pop("metrics", None)  # the names of its metrics: their values follow
+    if run.transfer is not None:
+        setting["surrogate"] = run.transfer.source
+    metrics = {m: METRICS[m].summarize(tally.metrics[index, m]) for m in run.setting.spec.metrics}
+    return SettingResult(
+        setting=setting, name=run.setting.name,
+        score=Accuracy.of(tally.robust[index], tally.robust_per_draw[index], tally.draws),
+        seconds=round(float(tally.seconds[index]), 3), role=run.role, metrics=metrics or None,
+        single_draw_gradient=(setting["eot_samples"] == 1 and not setting["omniscient"]) if randomized else None,
+        robust_fraction=(tally.robust[index].double() / tally.draws).tolist())
 
 
-def summarize(runs: list[Run], transfer_sources: list[TransferSource], n_suite: int, tally: Tally,
-              randomized: bool, sanity_checks: bool) -> dict:
-    """The results' accuracy part: ``clean``, ``attacks`` (the suite), ``transfer``, ``sanity`` and the
-    per-example outcomes (and ``note`` for a randomized network). The caller adds what identifies the run."""
+def randomized_note(draws: int, attacks: list[SettingResult]) -> str:
+    no_eot = [a.name for a in attacks if a.single_draw_gradient]
+    return (f"randomized network: every accuracy is over {draws} forward passes (mean, std, worst = robust in every "
+            "draw)." + (f" These settings attacked with single-draw gradients (no EOT), so they are upper bounds on "
+                        f"robust accuracy: {', '.join(no_eot)}" if no_eot else
+                        " Every attack averaged its gradients over draws (EOT)."))
+
+
+def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bool) -> EvaluationResults:
+    """The results' measured part: clean accuracy, every run by its role, the sanity verdicts and the per-example
+    outcomes (and a note for a randomized network). The caller adds what identifies the run."""
     draws = tally.draws
-    entries = []
-    for i, (run, robust, per_draw, seconds) in enumerate(zip(runs, tally.robust, tally.robust_per_draw,
-                                                               tally.seconds, strict=True)):
-        entry = {**run.setting.as_dict(), "name": run.setting.name, **accuracy_summary(robust, per_draw, draws),
-                 "seconds": round(float(seconds), 3)}
-        if run.setting.spec.metrics:
-            entry["metrics"] = {m: METRICS[m].summarize(tally.metrics[i, m]) for m in run.setting.spec.metrics}
-        entries.append(entry)
-    if randomized:
-        for e in entries:
-            e["single_draw_gradient"] = e["eot_samples"] == 1 and not e["omniscient"]
-    n_transfer = len(transfer_sources)
-    attacks = entries[:n_suite]
-    transfer = entries[n_suite:n_suite + n_transfer]
-    sanity_runs = entries[n_suite + n_transfer:]
-    for t, (source, label, j) in zip(transfer, transfer_sources, strict=True):
-        t.update(surrogate=source, name=f"transfer[{label}] {attacks[j]['name']}",
-                 white_box_accuracy=attacks[j]["accuracy"])
-    clean = accuracy_summary(tally.clean, tally.clean_per_draw, draws)
-    n = tally.n
+    entries = [setting_result(run, i, tally, randomized) for i, run in enumerate(runs)]
+    by_role = {role: [e for e in entries if e.role == role] for role in ("suite", "transfer", "sanity")}
+    attacks, transfer, sanity_runs = by_role["suite"], by_role["transfer"], by_role["sanity"]
+    for t, run in zip(transfer, [r for r in runs if r.role == "transfer"], strict=True):
+        white_box = attacks[run.transfer.white_box_index]  # a transfer row is named after the setting it repeats
+        t.name, t.white_box_accuracy = f"transfer[{run.transfer.label}] {white_box.name}", white_box.accuracy
+    clean = Accuracy.of(tally.clean, tally.clean_per_draw, draws)
     verdicts = []
     if sanity_checks:
-        noise = 2 * math.sqrt(0.25 / max(n * draws, 1)) if randomized else 0.0
-        fractions = [{**a, "robust_fraction": (r.double() / draws).tolist()} for a, r in zip(attacks, tally.robust)]
-        verdicts = sanity_verdicts(clean["accuracy"], fractions, sanity_runs[0]["accuracy"],
-                                   sanity_runs[1]["accuracy"], tolerance=0.005 + noise, transfer=transfer)
-    results = {"n": n, "randomized": randomized, "draws": draws, "clean": clean, "attacks": attacks,
-               "transfer": transfer, "sanity": {"runs": sanity_runs, "verdicts": verdicts},
-               "per_example": {"clean": tally.clean.tolist(),
-                               **{a["name"]: r.tolist() for a, r in zip(attacks, tally.robust)}}}
-    measured = {attacks[i]["name"]: {} for i, _ in tally.metric_keys if i < n_suite}
-    for (i, m), values in tally.metrics.items():
-        if i < n_suite:
-            measured[attacks[i]["name"]][m] = values.tolist()
-    if measured:
-        results["per_example_metrics"] = measured
-    if randomized:
-        no_eot = [a["name"] for a in attacks if a["single_draw_gradient"]]
-        results["note"] = (f"randomized network: every accuracy is over {draws} forward passes (mean, std, "
-                           "worst = robust in every draw)." +
-                           (f" These settings attacked with single-draw gradients (no EOT), so they are upper "
-                            f"bounds on robust accuracy: {', '.join(no_eot)}" if no_eot else
-                            " Every attack averaged its gradients over draws (EOT)."))
-    return results
+        noise = 2 * math.sqrt(0.25 / max(tally.n * draws, 1)) if randomized else 0.0
+        eps_zero, large_eps = (r.accuracy for r in sanity_runs)
+        verdicts = sanity_verdicts(clean.accuracy, attacks, eps_zero, large_eps, tolerance=0.005 + noise,
+                                   transfer=transfer)
+    suite_index = [i for i, run in enumerate(runs) if run.role == "suite"]
+    per_example_metrics = {entries[i].name: {m: tally.metrics[i, m].tolist() for m in runs[i].setting.spec.metrics}
+                           for i in suite_index if runs[i].setting.spec.metrics}
+    return EvaluationResults(
+        n=tally.n, randomized=randomized, draws=draws, clean=clean, attacks=attacks, transfer=transfer,
+        sanity_runs=sanity_runs, verdicts=verdicts,
+        per_example={"clean": tally.clean.tolist(), **{entries[i].name: tally.robust[i].tolist() for i in suite_index}},
+        per_example_metrics=per_example_metrics or None,
+        note=randomized_note(draws, attacks) if randomized else None)

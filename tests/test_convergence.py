@@ -17,7 +17,7 @@ def train_and_evaluate(name):
     fit = AdvtrainCLI(args=["fit", "-c", cfg, *QUIET])
     test = AdvtrainCLI(args=["test", "-c", cfg, "--ckpt_path", fit.trainer.checkpoint_callback.best_model_path,
                              *QUIET])
-    results = next(cb.results for cb in test.trainer.callbacks if isinstance(cb, RobustnessEvaluation))
+    results = next(cb.results.to_dict() for cb in test.trainer.callbacks if isinstance(cb, RobustnessEvaluation))
     return results["clean"]["accuracy"], {a["name"]: a["accuracy"] for a in results["attacks"]}
 
 

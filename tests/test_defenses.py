@@ -151,7 +151,7 @@ def test_evaluation_at_eps_zero_equals_clean_accuracy(tmp_path):
     evaluation = RobustnessEvaluation(attacks=[{"attack": "pgd", "eps": [0.0, 0.05, 0.3], "steps": 10}],
                                       seed=1)
     _trainer(callbacks=[evaluation], default_root_dir=tmp_path).test(model, datamodule=Digits(), verbose=False)
-    results = evaluation.results
+    results = evaluation.results.to_dict()
     clean, (zero, small, large) = results["clean"]["correct"], [a["correct"] for a in results["attacks"]]
     assert results["n"] == 360 and clean > 250
     assert zero == clean and clean > small > large

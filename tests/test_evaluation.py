@@ -13,7 +13,7 @@ from torch import nn
 from advtrain.callbacks import RobustnessEvaluation
 from advtrain.datamodules import Digits
 from advtrain.defenses import Standard
-from advtrain.evaluation import sanity_verdicts
+from advtrain.evaluation import Accuracy, EvaluationResults, SettingResult, sanity_verdicts
 
 SUITE = [{"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 10}]
 
@@ -69,7 +69,7 @@ def failed(results):
 
 
 def test_a_normal_model_passes_every_sanity_check(tmp_path, trained_net):
-    results = evaluate(tmp_path, trained_net).results
+    results = evaluate(tmp_path, trained_net).results.to_dict()
     assert not results["randomized"] and results["draws"] == 1
     assert failed(results) == set()
     checks = {v["check"] for v in results["sanity"]["verdicts"]}
@@ -80,27 +80,27 @@ def test_a_normal_model_passes_every_sanity_check(tmp_path, trained_net):
 
 def test_zero_gradients_fail_the_large_budget_check(tmp_path, trained_net):
     with pytest.warns(UserWarning, match="large_eps_near_zero"):
-        results = evaluate(tmp_path, trained_net, gradient="zero").results
+        results = evaluate(tmp_path, trained_net, gradient="zero").results.to_dict()
     assert "large_eps_near_zero" in failed(results)
     verdict = next(v for v in results["sanity"]["verdicts"] if v["check"] == "large_eps_near_zero")
     assert "gradient masking" in verdict["likely_cause"]
 
 
 def test_a_wrong_input_range_fails_the_eps_zero_check(tmp_path, trained_net):
-    results = evaluate(tmp_path, trained_net, data=ScaledDigits(), scale=255.0).results
+    results = evaluate(tmp_path, trained_net, data=ScaledDigits(), scale=255.0).results.to_dict()
     assert "eps0_equals_clean" in failed(results)
 
 
 def test_randomized_model_is_detected_and_judged_over_draws(tmp_path, trained_net):
     evaluation = evaluate(tmp_path, trained_net, dropout=0.3, draws=6, limit=120)
-    results = evaluation.results
+    results = evaluation.results.to_dict()
     assert results["randomized"] and results["draws"] == 6 and "no EOT" in results["note"]
     for a in results["attacks"]:
         assert a["accuracy_worst"] <= a["accuracy"] and a["accuracy_std"] >= 0
         assert max(results["per_example"][a["name"]]) <= 6  # per example: number of draws it survived
     assert results["clean"]["accuracy_std"] > 0  # the draws really differ
     # a deterministic model is not treated as randomized
-    assert not evaluate(tmp_path, trained_net, limit=120).results["randomized"]
+    assert not evaluate(tmp_path, trained_net, limit=120).results.to_dict()["randomized"]
 
 
 def test_draws_below_two_are_rejected():
@@ -109,7 +109,7 @@ def test_draws_below_two_are_rejected():
 
 
 def test_interrupted_evaluation_resumes_with_only_the_missing_batches(tmp_path, trained_net):
-    full = evaluate(tmp_path / "full", trained_net, batch_size=50).results
+    full = evaluate(tmp_path / "full", trained_net, batch_size=50).results.to_dict()
 
     class Crash(RobustnessEvaluation):
         def on_batch_done(self, batch_idx):
@@ -133,61 +133,66 @@ def test_interrupted_evaluation_resumes_with_only_the_missing_batches(tmp_path, 
     assert not list((tmp_path / "resumed" / "robustness_batches").glob("*/*.pt"))  # cleaned up
 
 
-def entry(attack, eps, accuracy, steps=10, restarts=1):
-    return {"attack": attack, "eps": eps, "steps": steps, "restarts": restarts, "norm": "linf", "accuracy": accuracy}
+def entry(attack, eps, accuracy, steps=10, restarts=1, robust=None, **setting):
+    """A suite setting's result as the sanity checks see it."""
+    return SettingResult({"attack": attack, "eps": eps, "steps": steps, "restarts": restarts, "norm": "linf",
+                          **setting}, name=f"{attack}-{steps} eps={eps}", score=Accuracy(0, 0, accuracy),
+                         robust_fraction=robust)
 
 
 def test_each_sanity_check_fires_only_on_its_violation():
     good = [entry("fgsm", 0.1, 0.5, steps=1), entry("pgd", 0.05, 0.6), entry("pgd", 0.1, 0.4),
             entry("pgd", 0.1, 0.38, steps=100)]
-    assert all(v["passed"] for v in sanity_verdicts(0.9, good, 0.9, 0.0))
+    assert all(v.passed for v in sanity_verdicts(0.9, good, 0.9, 0.0))
     cases = {
         "monotone_in_eps": [entry("pgd", 0.05, 0.3), entry("pgd", 0.1, 0.5)],
         "iterative_beats_single_step": [entry("fgsm", 0.1, 0.3, steps=1), entry("pgd", 0.1, 0.5)],
         "more_iterations_not_weaker": [entry("pgd", 0.1, 0.3, steps=10), entry("pgd", 0.1, 0.5, steps=100)],
     }
     for check, attacks in cases.items():
-        verdicts = {v["check"]: v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0)}
-        assert not verdicts[check]["passed"] and verdicts[check]["likely_cause"], check
-        assert all(v["passed"] for name, v in verdicts.items() if name != check), check
-    assert not next(v for v in sanity_verdicts(0.9, good, 0.7, 0.0) if v["check"] == "eps0_equals_clean")["passed"]
-    assert not next(v for v in sanity_verdicts(0.9, good, 0.9, 0.5) if v["check"] == "large_eps_near_zero")["passed"]
-    transfer = [{"name": "surrogate", "eps": 0.1, "accuracy": 0.2, "white_box_accuracy": 0.4}]
-    assert not sanity_verdicts(0.9, good, 0.9, 0.0, transfer=transfer)[-1]["passed"]
+        verdicts = {v.check: v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0)}
+        assert not verdicts[check].passed and verdicts[check].likely_cause, check
+        assert all(v.passed for name, v in verdicts.items() if name != check), check
+    assert not next(v for v in sanity_verdicts(0.9, good, 0.7, 0.0) if v.check == "eps0_equals_clean").passed
+    assert not next(v for v in sanity_verdicts(0.9, good, 0.9, 0.5) if v.check == "large_eps_near_zero").passed
+    transfer = [SettingResult({"attack": "pgd", "eps": 0.1}, "surrogate", Accuracy(0, 0, 0.2), role="transfer",
+                              white_box_accuracy=0.4)]
+    assert not sanity_verdicts(0.9, good, 0.9, 0.0, transfer=transfer)[-1].passed
 
 
 def test_sanity_checks_compare_only_settings_of_one_threat_model():
     """EOT, omniscient and surrogate-gradient variants are separate threat models; Kurakin's step rule is one
     family across budgets even though its step count grows with eps."""
     def check(attacks, name):
-        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v["check"] == name)["passed"]
+        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v.check == name).passed
 
-    omniscient = {**entry("pgd", 0.1, 0.6), "omniscient": True}  # a weaker threat model with the same steps
+    omniscient = entry("pgd", 0.1, 0.6, omniscient=True)  # a weaker threat model with the same steps
     assert check([entry("pgd", 0.1, 0.4), omniscient], "more_iterations_not_weaker")
-    tanh = {**entry("pgd", 0.1, 0.2, steps=100), "surrogate": "tanh"}
-    assert check([entry("pgd", 0.1, 0.4), tanh, {**entry("pgd", 0.1, 0.5, steps=10), "eot_samples": 10}],
+    tanh = entry("pgd", 0.1, 0.2, steps=100, surrogate="tanh")
+    assert check([entry("pgd", 0.1, 0.4), tanh, entry("pgd", 0.1, 0.5, steps=10, eot_samples=10)],
                  "more_iterations_not_weaker")
-    kurakin = [{**entry("pgd", 2 / 255, 0.3, steps=2), "steps_rule": "kurakin"},
-               {**entry("pgd", 8 / 255, 0.5, steps=10), "steps_rule": "kurakin"}]
+    kurakin = [entry("pgd", 2 / 255, 0.3, steps=2, steps_rule="kurakin"),
+               entry("pgd", 8 / 255, 0.5, steps=10, steps_rule="kurakin")]
     assert not check(kurakin, "monotone_in_eps")
-    assert check([{**a, "steps_rule": None} for a in kurakin], "monotone_in_eps")  # different step counts
+    assert check([entry("pgd", a.eps, a.accuracy, steps=a.setting["steps"]) for a in kurakin],
+                 "monotone_in_eps")  # different step counts
 
 
 def test_paired_noise_keeps_seed_noise_from_flagging_and_still_flags_real_regressions():
     """Two equally strong PGD runs on 360 examples disagree on a few borderline ones; more steps then 'raise'
     accuracy by about a point. Per-example outcomes tell that noise from a real regression."""
     def with_outcomes(steps, robust):
-        return {**entry("pgd", 0.1, sum(robust) / len(robust), steps=steps), "robust_fraction": robust}
+        return entry("pgd", 0.1, sum(robust) / len(robust), steps=steps, robust=robust)
 
     def verdict(attacks):
-        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v["check"] == "more_iterations_not_weaker")
+        return next(v for v in sanity_verdicts(0.9, attacks, 0.9, 0.0) if v.check == "more_iterations_not_weaker")
 
     base = [1.0] * 100 + [0.0] * 260
     noisy = [0.0] * 2 + [1.0] * 98 + [1.0] * 6 + [0.0] * 254  # 2 lost, 6 gained: +1.1 points
-    assert not verdict([entry("pgd", 0.1, 100 / 360, 10), entry("pgd", 0.1, 104 / 360, 20)])["passed"]
-    assert verdict([with_outcomes(10, base), with_outcomes(20, noisy)])["passed"]
+    assert not verdict([entry("pgd", 0.1, 100 / 360, 10), entry("pgd", 0.1, 104 / 360, 20)]).passed
+    assert verdict([with_outcomes(10, base), with_outcomes(20, noisy)]).passed
     regressed = [1.0] * 100 + [1.0] * 40 + [0.0] * 220  # 40 examples robust only under more steps
-    assert not verdict([with_outcomes(10, base), with_outcomes(20, regressed)])["passed"]
+    assert not verdict([with_outcomes(10, base), with_outcomes(20, regressed)]).passed
 
 
 def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path, trained_net):
@@ -196,18 +201,20 @@ def test_transfer_from_a_surrogate_checkpoint_is_evaluated_and_checked(tmp_path,
     ckpt = tmp_path / "surrogate.ckpt"
     torch.save({"state_dict": {f"network.{k}": v for k, v in surrogate.state_dict().items()}}, ckpt)
     results = evaluate(tmp_path, trained_net, surrogates=[str(ckpt)]).results
-    names = [t["name"] for t in results["transfer"]]
-    assert names == [f"transfer[surrogate] {a['name']}" for a in results["attacks"]]
-    for t, a in zip(results["transfer"], results["attacks"]):
-        assert t["white_box_accuracy"] == a["accuracy"]
-        assert t["accuracy"] >= a["accuracy"]  # an untrained surrogate's examples transfer poorly
-    checks = [v for v in results["sanity"]["verdicts"] if v["check"].startswith("transfer_not_stronger")]
-    assert len(checks) == len(results["transfer"]) and all(v["passed"] for v in checks)
+    assert [t.name for t in results.transfer] == [f"transfer[surrogate] {a.name}" for a in results.attacks]
+    assert {t.role for t in results.transfer} == {"transfer"} and {a.role for a in results.attacks} == {"suite"}
+    for t, a in zip(results.transfer, results.attacks):
+        assert t.setting["surrogate"] == str(ckpt) and t.white_box_accuracy == a.accuracy
+        assert t.accuracy >= a.accuracy  # an untrained surrogate's examples transfer poorly
+    checks = [v for v in results.verdicts if v.check.startswith("transfer_not_stronger")]
+    assert len(checks) == len(results.transfer) and all(v.passed for v in checks)
+    # the file holds the same results: written and read back, they are equal
+    assert EvaluationResults.read(results.path) == results
 
 
 def test_autoattack_in_the_suite_is_no_weaker_than_pgd_and_records_its_settings(tmp_path, trained_net):
     suite = [{"attack": "pgd", "eps": 0.1, "steps": 50, "restarts": 3}, {"attack": "autoattack", "eps": 0.1}]
-    results = evaluate(tmp_path, trained_net, attacks=suite, limit=100).results
+    results = evaluate(tmp_path, trained_net, attacks=suite, limit=100).results.to_dict()
     pgd_run, aa_run = results["attacks"]
     assert aa_run["name"] == "autoattack-standard eps=0.1" and aa_run["version"] == "standard"
     assert aa_run["stages"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -219,7 +226,7 @@ def test_autoattack_in_the_suite_is_no_weaker_than_pgd_and_records_its_settings(
 def test_randomized_model_gets_the_rand_autoattack(tmp_path, trained_net):
     suite = [{"attack": "autoattack", "eps": 0.1}]
     results = evaluate(tmp_path, trained_net, attacks=suite, dropout=0.3, draws=4, limit=40,
-                       sanity_checks=False).results
+                       sanity_checks=False).results.to_dict()
     (aa_run,) = results["attacks"]
     assert results["randomized"] and aa_run["version"] == "rand"
     assert aa_run["stages"] == ["apgd-ce", "apgd-dlr"] and aa_run["settings"]["eot_draws"] == 20

@@ -47,7 +47,7 @@ def evaluated(tmp_path_factory):
     logger = TensorBoardLogger(root, name="digits", version=0)
     pl.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False,
                inference_mode=False, callbacks=[evaluation]).test(model, datamodule=Digits(), verbose=False)
-    return evaluation.results, root / "digits" / "version_0"
+    return evaluation.results.to_dict(), root / "digits" / "version_0"
 
 
 def test_every_new_attack_reaches_the_results_file(evaluated):
@@ -147,7 +147,7 @@ def test_bpda_through_the_evaluation_beats_the_oblivious_and_the_masked_attack(t
         pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                    inference_mode=False, default_root_dir=tmp_path,
                    callbacks=[evaluation]).test(model, datamodule=Digits(), verbose=False)
-    masked, oblivious, bpda = evaluation.results["attacks"]
+    masked, oblivious, bpda = evaluation.results.to_dict()["attacks"]
     assert [masked["name"], oblivious["name"], bpda["name"]] == [
         "pgd-20 eps=0.15", "pgd-20 squeeze=oblivious eps=0.15", "pgd-20 bpda eps=0.15"]
     assert bpda["accuracy"] <= oblivious["accuracy"] < masked["accuracy"] - 0.3

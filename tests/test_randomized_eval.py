@@ -80,7 +80,7 @@ def evaluate(tmp_path, state, attacks, **kwargs):
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
                          default_root_dir=tmp_path, callbacks=[evaluation])
     trainer.test(Standard(network=network, eps=0.1), datamodule=Digits(), verbose=False)
-    return evaluation.results
+    return evaluation.results.to_dict()
 
 
 def test_eot_pgd_is_no_weaker_than_pgd_and_results_record_the_draws(tmp_path, tensorized_state):

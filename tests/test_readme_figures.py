@@ -1,18 +1,36 @@
-"""README.md's performance figures are the ones in bench/results/ (bench/readme_table.py writes them)."""
+"""bench/README.md's performance figures are the ones in bench/results/ (bench/readme_table.py writes them), and
+no other page (README.md, docs/*.md) quotes a measured ratio that no results file holds."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import sys
+from pathlib import Path
 
-from cli_utils import ROOT
+import pytest
 
-from bench import readme_table
-from bench.results_file import write_results
-from bench.step_cost import NUAT_CONFIGS, nuat_settings
+
+def repository_root(start: Path) -> Path:
+    """The nearest folder above ``start`` that holds pyproject.toml (tests may live in subfolders)."""
+    for folder in start.resolve().parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    raise RuntimeError(f"no pyproject.toml above {start}")
+
+
+ROOT = repository_root(Path(__file__))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import readme_table  # noqa: E402
+from bench.results_file import write_results  # noqa: E402
+from bench.step_cost import NUAT_CONFIGS, nuat_settings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+BENCH_README = ROOT / "bench" / "README.md"
+RATIO = re.compile(r"(\d+\.\d+)x")
 
 
 def numbers(value):
@@ -24,21 +42,46 @@ def numbers(value):
         yield float(value)
 
 
-def test_readme_performance_section_is_what_the_results_files_give(capsys):
-    assert readme_table.main(["--check"]) == 0, capsys.readouterr().out
+def test_bench_readme_performance_section_is_what_the_results_files_give(capsys):
+    assert readme_table.main(["--check"]) == 0, capsys.readouterr().out  # the default page is bench/README.md
+    assert readme_table.main(["--readme", str(BENCH_README), "--check"]) == 0, capsys.readouterr().out
 
 
-def test_every_ratio_quoted_in_the_readme_is_held_by_a_results_file():
-    held = [n for path in RESULTS.glob("*.json") for n in numbers(json.loads(path.read_text()))]
-    quoted = set(re.findall(r"(\d+\.\d+)x", (ROOT / "README.md").read_text()))
-    assert quoted, "the README quotes no measured ratio"
-    unbacked = [q for q in quoted if not any(round(v, len(q.split(".")[1])) == float(q) for v in held)]
-    assert not unbacked, f"README ratios with no results file behind them: {unbacked}"
+def held_figures() -> list[float]:
+    return [n for path in RESULTS.glob("*.json") for n in numbers(json.loads(path.read_text()))]
+
+
+def unbacked(quoted: set[str], held: list[float]) -> list[str]:
+    return sorted(q for q in quoted if not any(round(v, len(q.split(".")[1])) == float(q) for v in held))
+
+
+def test_every_ratio_quoted_in_bench_readme_is_held_by_a_results_file():
+    quoted = set(RATIO.findall(BENCH_README.read_text()))
+    assert quoted, "bench/README.md quotes no measured ratio"
+    assert not unbacked(quoted, held_figures()), "bench/README.md ratios with no results file behind them"
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
+def test_every_ratio_quoted_in_the_readme_and_docs_is_held_by_a_results_file(page):
+    quoted = set(RATIO.findall((ROOT / page).read_text()))
+    missing = unbacked(quoted, held_figures())
+    assert not missing, f"{page} quotes ratios with no results file behind them: {missing}"
+
+
+def test_the_readme_quotes_no_figures_but_points_to_bench_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table.BEGIN_PREFIX not in readme and not RATIO.search(readme)
+    assert "bench/README.md" in readme
+
+
+def test_a_figure_in_the_wrong_page_would_be_caught():
+    assert unbacked({"99.99"}, held_figures()) == ["99.99"]
+    assert unbacked(set(RATIO.findall("PGD-10 7.31x")), held_figures()) == []
 
 
 def test_check_fails_on_a_changed_figure_and_a_rewrite_restores_only_the_marked_part(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    original = (ROOT / "README.md").read_text()
+    original = BENCH_README.read_text()
     start, end = original.index(readme_table.BEGIN_PREFIX), original.index(readme_table.END)
     figure = re.search(r"\d+\.\d+x", original[start:end]).group()
     readme.write_text("# edited outside\n" + original[:start] + original[start:end].replace(figure, "99.99x", 1)

@@ -116,7 +116,7 @@ def evaluate(tmp_path, network: nn.Module, attacks: list[dict]) -> dict:
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          inference_mode=False, default_root_dir=tmp_path, callbacks=[evaluation])
     trainer.test(Standard(network=network, eps=0.1), datamodule=Digits(), verbose=False)
-    return evaluation.results
+    return evaluation.results.to_dict()
 
 
 def verdicts(results: dict) -> dict[str, dict]:

@@ -16,6 +16,7 @@ from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
 from advtrain import report, transfer
 from advtrain.attacks import AttackSetting, attack_mode, pgd
 from advtrain.cli import AdvtrainCLI
+from advtrain.evaluation import Accuracy, EvaluationResults, SettingResult
 from advtrain.evaluation.figures import MEAN, lrc_curves, panels
 
 ROWS = ["clean", "wdecay", "pgd_aug", "fgsm_aug", "gn", "sgr", "sgr_grad", "sgr_sign", "sgr_fgsm", "sgr_pgd"]
@@ -215,19 +216,23 @@ def test_report_without_lrc_results_says_so(runs, tmp_path, capsys):
 
 
 def entry(accuracy, **setting):
-    """A results entry as evaluation/statistics.py writes it."""
+    """A results entry as evaluation/statistics.py makes it."""
     s = AttackSetting(**setting).expand()[0]
-    return {**s.as_dict(), "name": s.name, "correct": 0, "n": 10, "accuracy": accuracy, "seconds": 0.1}
+    return SettingResult(s.as_dict(), s.name, Accuracy(0, 10, accuracy), seconds=0.1)
+
+
+def evaluation_of(*entries):
+    return EvaluationResults(n=10, randomized=False, draws=1, clean=Accuracy.counted(10, 10), attacks=list(entries))
 
 
 def test_lrc_curves_order_panels_average_only_complete_grids_and_skip_other_covariances(tmp_path):
     cov = tmp_path / "cov.pt"
     torch.save(torch.eye(4), cov)
-    a = {"attacks": [entry(0.5, attack="lrc", zeta=4, eps=0.2), entry(0.75, attack="lrc", zeta=1, eps=0.2),
-                     entry(0.25, attack="lrc", zeta=1, eps="4/255"), entry(0.9, attack="pgd", eps=0.1),
-                     entry(0.0, attack="lrc", zeta=2, eps=0.2, covariance=str(cov)),
-                     entry(0.0, attack="lrc", zeta=2, eps=0.2, channel_correlation=0.9)]}
-    b = {"attacks": [entry(0.6, attack="uniform_noise", eps=0.1)]}
+    a = evaluation_of(entry(0.5, attack="lrc", zeta=4, eps=0.2), entry(0.75, attack="lrc", zeta=1, eps=0.2),
+                      entry(0.25, attack="lrc", zeta=1, eps="4/255"), entry(0.9, attack="pgd", eps=0.1),
+                      entry(0.0, attack="lrc", zeta=2, eps=0.2, covariance=str(cov)),
+                      entry(0.0, attack="lrc", zeta=2, eps=0.2, channel_correlation=0.9))
+    b = evaluation_of(entry(0.6, attack="uniform_noise", eps=0.1))
     curves = lrc_curves([("sgr", a), ("clean", b)])
     assert list(curves) == ["sgr"]  # no LRC results, no line
     assert curves["sgr"] == {"4/255": [(1.0, 25.0)], "0.2": [(1.0, 75.0), (4.0, 50.0)], MEAN: [(1.0, 50.0)]}

@@ -7,7 +7,6 @@ Every budget, step and clamp is in the input's natural range ([0, 1] images, [-1
 from .autoattack import AUTOATTACK_VERSION, autoattack, autoattack_run
 from .budget import format_budget, parse_budget
 from .core import bernoulli_start, project, projected_gradient, random_start
-from .covariance import Covariance, FullCovariance, IdentityCovariance, StationaryCovariance
 from .deepfool import deepfool
 from .gama import gama_fw, gama_loss, gama_pgd
 from .losses import cross_entropy, kl_from, margin, misclassified
@@ -30,6 +29,5 @@ __all__ = [
     "nuclear_loss", "nuclear_norm", "nuclear_norm_step", "nuclear_two_step", "parse_budget", "pgd",
     "pgd_targeted", "project", "projected_gradient", "random_start", "register_surrogates", "rfgsm",
     "uniform_noise", "use_bpda", "use_surrogate",
-    "Covariance", "FullCovariance", "IdentityCovariance", "StationaryCovariance",
     "bim_targeted", "mim_targeted", "SEED_MIX", "seeded_generator", "stream_seed",
 ]

@@ -118,6 +118,90 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, norm
     return x_adv
 
 
+def _check_arguments(x: Tensor, y: Tensor, version: str, seed: int, eot_draws: int, check_draws: int | None,
+                     n_classes: int, log) -> int:
+    """Refuse what AutoAttack cannot run; return ``check_draws`` resolved."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_steps(eot_draws, "eot_draws")
+    check_draws = eot_draws if check_draws is None else check_steps(check_draws, "check_draws")
+    smallest = 4 if version == "standard" else 3  # targeted DLR needs 4 logits, DLR 3
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < smallest:
+        raise ValueError(f"AutoAttack {version} needs n_classes >= {smallest} (its DLR loss compares the "
+                         f"{smallest - 1} largest other logits), got {n_classes!r}")
+    if log is not None and not callable(log):
+        raise ValueError(f"log must be a callable taking one string, got {log!r}")
+    check_inputs(x, y)
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}")
+    if version == "standard" and x.dim() != 4:
+        raise ValueError(f"AutoAttack standard needs image batches (N, C, H, W) (Square samples square "
+                         f"windows), got shape {tuple(x.shape)}; version='rand' takes other shapes")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch (N, ...), got shape {tuple(x.shape)}")
+    return check_draws
+
+
+def _as_images(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor]:
+    """The model and the inputs as torchattacks takes them: float32 or wider, (N, C, H, W) (a waveform
+    (N, 1, L) is viewed as (N, 1, 1, D))."""
+    inputs = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    if inputs.dim() == 4:
+        return model, inputs
+    return _Reshaped(model, x.shape[1:]), inputs.reshape(x.shape[0], 1, 1, -1)
+
+
+class _Run:
+    """One AutoAttack run's state between stages: which points are still robust, the best examples so far and, for
+    ``rand``, each point's fraction of correct draws."""
+
+    def __init__(self, target: nn.Module, inputs: Tensor, y: Tensor, version: str, draws: int, n_classes: int):
+        self.target, self.inputs, self.y, self.draws = target, inputs, y, draws
+        self.randomized = version == "rand"
+        with torch.no_grad():
+            logits = target(inputs)
+        if logits.dim() != 2 or logits.shape[1] != n_classes:
+            raise ValueError(f"the model returns logits of shape {tuple(logits.shape)}, but n_classes is "
+                             f"{n_classes}")
+        if self.randomized:
+            self.best_fraction = _correct_fraction(target, inputs, y, draws)
+            self.robust = 2 * self.best_fraction >= 1
+        else:
+            self.robust = logits.argmax(1) == y
+            _warn_if_randomized(target, inputs, logits)
+        self.x_adv = inputs.clone()
+
+    def stage(self, name: str, attack, settings: dict) -> dict:
+        """Run one stage on the still-robust points; keep what it broke; return its report entry."""
+        start = time.perf_counter()
+        idx = self.robust.nonzero().flatten()
+        entry = {"name": name, "component": f"torchattacks.{type(attack).__name__}", "settings": settings,
+                 "driver": "attack_single_run, every still-robust point" if self.randomized else "forward",
+                 "attacked": int(idx.numel())}
+        if idx.numel() > 0:
+            attack.set_device(self.inputs.device)
+            if self.randomized:
+                out, fraction = _apgd_every_point(attack, self.inputs[idx], self.y[idx], self.target, self.draws)
+                with torch.no_grad():
+                    still = 2 * fraction >= 1
+                    better = fraction < self.best_fraction[idx]  # broken points always qualify
+                    self.x_adv[idx[better]] = out[better]
+                    self.best_fraction[idx[better]] = fraction[better]
+            else:
+                out = attack.forward(self.inputs[idx], self.y[idx]).detach().to(self.inputs.dtype)
+                with torch.no_grad():
+                    still = self.target(out).argmax(1) == self.y[idx]
+                    self.x_adv[idx[~still]] = out[~still]
+            self.robust[idx[~still]] = False
+        entry["robust_after"] = int(self.robust.sum())
+        if self.randomized:
+            entry["correct_fraction_after"] = float(self.best_fraction.mean())
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        return entry
+
+
 def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, norm: str = "Linf",
                    version: str = "standard", n_classes: int = 10, seed: int = 0, eot_draws: int = EOT_DRAWS,
                    check_draws: int | None = None,
@@ -150,102 +234,36 @@ def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, 
     """
     eps = parse_budget(eps, "eps")
     ta_norm = _check_norm(norm)
-    if version not in VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    check_steps(eot_draws, "eot_draws")
-    check_draws = eot_draws if check_draws is None else check_steps(check_draws, "check_draws")
-    smallest = 4 if version == "standard" else 3  # targeted DLR needs 4 logits, DLR 3
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < smallest:
-        raise ValueError(f"AutoAttack {version} needs n_classes >= {smallest} (its DLR loss compares the "
-                         f"{smallest - 1} largest other logits), got {n_classes!r}")
-    if log is not None and not callable(log):
-        raise ValueError(f"log must be a callable taking one string, got {log!r}")
-    check_inputs(x, y)
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"y must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}")
-    if version == "standard" and x.dim() != 4:
-        raise ValueError(f"AutoAttack standard needs image batches (N, C, H, W) (Square samples square "
-                         f"windows), got shape {tuple(x.shape)}; version='rand' takes other shapes")
-    if x.dim() < 2:
-        raise ValueError(f"x must be a batch (N, ...), got shape {tuple(x.shape)}")
-
-    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    inputs = x.detach().to(work_dtype)
-    shape = inputs.shape
-    if inputs.dim() != 4:
-        inputs = inputs.reshape(shape[0], 1, 1, -1)
-        target: nn.Module = _Reshaped(model, shape[1:])
-    else:
-        target = model
+    check_draws = _check_arguments(x, y, version, seed, eot_draws, check_draws, n_classes, log)
+    target, inputs = _as_images(model, x)
     y = y.detach().long()
     randomized = version == "rand"
     draws = check_draws if randomized else 1
     start = time.perf_counter()
-
     with _kept_state(model, inputs.device), torch.enable_grad(), \
             torch.autocast(inputs.device.type, enabled=False):
         _seed_rngs(seed, inputs.device)  # the model's own randomness (dropout) follows the seed too
-        with torch.no_grad():
-            logits = target(inputs)
-        if logits.dim() != 2 or logits.shape[1] != n_classes:
-            raise ValueError(f"the model returns logits of shape {tuple(logits.shape)}, but n_classes is "
-                             f"{n_classes}")
-        if randomized:
-            clean_frac = _correct_fraction(target, inputs, y, draws)
-            robust = 2 * clean_frac >= 1
-        else:
-            robust = logits.argmax(1) == y
-            _warn_if_randomized(target, inputs, logits)
+        run = _Run(target, inputs, y, version, draws, n_classes)
         report = {
             "source": AUTOATTACK_VERSION, "torchattacks": _torchattacks_version(), "version": version,
             "norm": ta_norm.lower(), "eps": eps, "n_classes": n_classes, "seed": seed,
             "eot_draws": eot_draws if randomized else 1, "check_draws": draws,
             "robust_rule": (f"correct in at least half of {draws} forward passes" if randomized
                             else "correct in one forward pass (official)"),
-            "n_examples": int(shape[0]), "clean_correct": int(robust.sum()), "attacks": [],
+            "n_examples": len(x), "clean_correct": int(run.robust.sum()), "attacks": [],
         }
         if randomized:
-            report["correct_fraction_clean"] = float(clean_frac.mean())
-            best_frac = clean_frac.clone()
-
-        x_adv = inputs.clone()
+            report["correct_fraction_clean"] = float(run.best_fraction.mean())
         for name, attack, settings in build_stages(target, eps, norm=ta_norm, version=version,
                                                    n_classes=n_classes, seed=seed, eot_draws=eot_draws):
-            stage_start = time.perf_counter()
-            idx = robust.nonzero().flatten()
-            entry = {"name": name, "component": f"torchattacks.{type(attack).__name__}", "settings": settings,
-                     "driver": "attack_single_run, every still-robust point" if randomized else "forward",
-                     "attacked": int(idx.numel())}
-            if idx.numel() > 0:
-                attack.set_device(inputs.device)
-                if randomized:
-                    out, frac = _apgd_every_point(attack, inputs[idx], y[idx], target, draws)
-                else:
-                    out = attack.forward(inputs[idx], y[idx]).detach().to(work_dtype)
-                with torch.no_grad():
-                    if randomized:
-                        still = 2 * frac >= 1
-                        better = frac < best_frac[idx]  # broken points always qualify
-                        x_adv[idx[better]] = out[better]
-                        best_frac[idx[better]] = frac[better]
-                    else:
-                        still = target(out).argmax(1) == y[idx]
-                        x_adv[idx[~still]] = out[~still]
-                robust[idx[~still]] = False
-            entry["robust_after"] = int(robust.sum())
-            if randomized:
-                entry["correct_fraction_after"] = float(best_frac.mean())
-            entry["seconds"] = round(time.perf_counter() - stage_start, 3)
+            entry = run.stage(name, attack, settings)
             report["attacks"].append(entry)
             if log is not None:
-                log(f"AutoAttack {version} {name}: {entry['robust_after']}/{shape[0]} robust "
+                log(f"AutoAttack {version} {name}: {entry['robust_after']}/{len(x)} robust "
                     f"(attacked {entry['attacked']}, {entry['seconds']:.1f} s)")
-
-    report["robust"] = int(robust.sum())
+    report["robust"] = int(run.robust.sum())
     report["seconds"] = round(time.perf_counter() - start, 3)
-    return x_adv.reshape(shape).to(x.dtype), report
+    return run.x_adv.reshape(x.shape).to(x.dtype), report
 
 
 __all__ = ["AUTOATTACK_VERSION", "EOT_DRAWS", "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "ITERATIONS", "RHO",

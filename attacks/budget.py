@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 
 def parse_budget(value: float | str, name: str = "eps") -> float:
@@ -44,3 +45,18 @@ def check_steps(steps: int, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
     return steps
+
+
+def from_text(value: Any) -> Any:
+    """A value from the command line (``--model.init_args.attack.steps 3`` arrives as the string "3") as YAML
+    would read it; fractions such as "8/255" stay strings for ``parse_budget``."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

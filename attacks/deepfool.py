@@ -35,7 +35,7 @@ def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 50, oversho
 
     Differences from the references: CleverHans re-ranks the top ``candidates`` classes at every iterate;
     with at most ``candidates`` classes (10 on CIFAR-10/MNIST) both use all classes, so the results are the
-    same (tests/test_deepfool.py checks it against a literal one-example-at-a-time CleverHans loop); with fewer
+    same (tests/attacks/test_deepfool.py checks it against a literal one-example-at-a-time CleverHans loop); with fewer
     candidates than classes the two may differ. LTS4 adds 1e-4 to the step, not 1e-5, and leaves the argmin
     without it; torchattacks starts from the true label, not the prediction. A candidate with a zero gradient
     difference is skipped (an example with no usable candidate stays where it is) instead of producing NaN.

@@ -14,8 +14,8 @@ can raise; there is no ``svd_ex`` that skips the check). This is the only host-d
 step (docs/design.md, "Performance principles"): one per :func:`nuclear_norm` call, whatever the batch size, so a NuAT
 training step pays one in its loss and one more in its attack on the batches that use the nuclear term. Its
 backward (through the singular values only) is plain matrix products and never syncs. Everything else here keeps
-to the rules of :mod:`advtrain.attacks.core`. ``tests/test_gpu.py`` runs NuAT's step under
-``torch.cuda.set_sync_debug_mode("error")`` with only the SVD exempted; ``tests/test_host_syncs.py`` counts
+to the rules of :mod:`advtrain.attacks.core`. ``tests/integration/test_gpu.py`` runs NuAT's step under
+``torch.cuda.set_sync_debug_mode("error")`` with only the SVD exempted; ``tests/defenses/test_host_syncs.py`` counts
 value reads on CPU outside it.
 """
 

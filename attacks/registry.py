@@ -236,6 +236,11 @@ ATTACKS: dict[str, AttackSpec] = {
 KURAKIN = "kurakin"  # steps: floor(min(eps + 4, 1.25 eps)) iterations, eps in 1/255 units (Kurakin et al. 2017)
 
 
+def plural(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def check_attack_name(name: str) -> str:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(ATTACKS))}")

@@ -15,30 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .budget import check_steps, format_budget, parse_budget
+from .budget import check_steps, format_budget, from_text, parse_budget
 from .core import NORMS
-from .registry import ATTACKS, KURAKIN, AttackSpec, attacks_with, check_attack_name
+from .registry import ATTACKS, KURAKIN, AttackSpec, attacks_with, check_attack_name, plural
 from .standard import bim_steps
 from .surrogates import check_surrogate_name, surrogate_label
-
-
-def _from_text(value: Any) -> Any:
-    """A value from the command line (``--model.init_args.attack.steps 3`` arrives as the string "3") as YAML
-    would read it; fractions such as "8/255" stay strings for ``parse_budget``."""
-    if not isinstance(value, str):
-        return value
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _plural(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 @dataclass(init=False)
@@ -46,8 +27,7 @@ class AttackSetting:
     """One attack configuration.
 
     Args:
-        attack: a row of :data:`advtrain.attacks.registry.ATTACKS` (``python -c "import advtrain.attacks as a;
-            print(list(a.ATTACKS))"`` lists them).
+        attack: a row of :data:`advtrain.attacks.registry.ATTACKS` (docs/evaluation.md lists them).
         eps: the budget in the input's natural range, e.g. ``8/255`` or ``0.3``; a list expands into one setting
             per budget (:meth:`expand`). Unset: 8/255. DeepFool has no budget (leave it unset).
         steps: iterations (None: the attack's default: bim Kurakin's count, pgd/mim 10, gama 100, deepfool 50), or
@@ -60,12 +40,11 @@ class AttackSetting:
             evaluation detects it) and ``standard`` otherwise.
         eot: expectation over transformation for randomized models: each gradient is the mean over this many
             forward passes (the attacks whose row has ``eot``; AutoAttack ``rand`` has its own, 20).
-        omniscient: craft the examples on the network with its randomness off (Tucker theta = 1, the full
-            weights), then test them on the randomized network (defensive tensorization, Table 3). The
-            evaluation applies it.
-        surrogate: a backward surrogate the attacker uses while crafting (BPDA, :mod:`advtrain.attacks.surrogates`), by
-            name, on every module that declares it: ``ste``, ``tanh``, ``tanh0.75`` for the sign of binary (XNOR)
-            layers (Table 4), ``identity`` or ``oblivious`` for feature squeezing. Applied by the evaluation.
+        omniscient: craft the examples on the network with its randomness off (Tucker theta = 1), then test
+            them on the randomized network (defensive tensorization, Table 3). The evaluation applies it.
+        surrogate: a backward surrogate (BPDA, :mod:`advtrain.attacks.surrogates`) by name, on every module that
+            declares it: ``ste``, ``tanh``, ``tanh0.75`` for binary (XNOR) layers' sign, ``identity`` or
+            ``oblivious`` for feature squeezing. Applied by the evaluation.
         bpda: craft with each non-differentiable module's own BPDA surrogate (Athalye et al. 2018).
         **params: the attack's own parameters (its row's ``params``), e.g. ``target`` for pgd_targeted, ``zeta``
             and ``samples`` for lrc, ``overshoot`` for deepfool.
@@ -113,7 +92,7 @@ class AttackSetting:
         if isinstance(entry, str):
             entry = {"attack": entry}
         if isinstance(entry, dict):
-            entry = {key: _from_text(value) for key, value in entry.items()}
+            entry = {key: from_text(value) for key, value in entry.items()}
             if "attack" not in entry and default is not None:
                 entry = {**default, **entry}
         if not isinstance(entry, dict) or "attack" not in entry:
@@ -168,11 +147,10 @@ class AttackSetting:
             raise ValueError(f"{attack} takes no {name}" + (f": {spec.fixed}" if spec.fixed else ""))
         if self.step is not None:
             self.step = parse_budget(self.step, f"{attack} step")
-        if self.steps == KURAKIN and spec.budget and "steps" in spec.tunable:
-            pass
-        elif isinstance(self.steps, str):
+        kurakin = self.steps == KURAKIN and spec.budget and "steps" in spec.tunable
+        if isinstance(self.steps, str) and not kurakin:
             raise ValueError(f"{attack} steps: an integer, or '{KURAKIN}' for iterative attacks, got {self.steps!r}")
-        elif self.steps is not None:
+        elif self.steps is not None and not kurakin:
             check_steps(self.steps, f"{attack} steps")
         check_steps(self.restarts, f"{attack} restarts")
         if self.restarts > 1 and not spec.restarts:
@@ -185,18 +163,16 @@ class AttackSetting:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if self.norm not in spec.norms:
             supported = attacks_with(lambda s: self.norm in s.norms)
-            raise ValueError(f"norm {self.norm!r} is supported by {_plural(supported)} only, not {attack}")
+            raise ValueError(f"norm {self.norm!r} is supported by {plural(supported)} only, not {attack}")
         check_steps(self.eot, f"{attack} eot")
         if self.eot > 1 and not spec.eot:
             raise ValueError(f"eot is supported by {', '.join(attacks_with(lambda s: s.eot))}; {attack} has none "
                              "(autoattack: use version 'rand', which averages 20 draws)")
         if self.version is not None and self.version not in spec.variants:
             owners = attacks_with(lambda s: bool(s.variants))
-            raise ValueError(f"version {self.version!r}: only {_plural(owners)} has versions"
+            raise ValueError(f"version {self.version!r}: only {plural(owners)} has versions"
                              + (f" ({', '.join(spec.variants)})" if spec.variants else ""))
-        if self.surrogate is not None:
-            check_surrogate_name(self.surrogate)
-        if self.bpda and self.surrogate is not None:
+        if self.surrogate is not None and check_surrogate_name(self.surrogate) and self.bpda:
             raise ValueError(f"{attack}: give either bpda: true (each module's own BPDA) or surrogate: "
                              f"{self.surrogate} (that one), not both")
 
@@ -284,10 +260,10 @@ class AttackSetting:
         provide; returns the setting."""
         if not self.spec.trains:
             raise ValueError(f"{who}: {self.attack} is not a training attack; choose one of "
-                             f"{_plural(attacks_with(lambda s: s.trains))}")
+                             f"{plural(attacks_with(lambda s: s.trains))}")
         missing = [name for name in self.required_context() if name not in provides]
         if missing:
-            raise ValueError(f"{who}: {self.attack} needs {_plural(missing)} from the defense that runs it, which "
+            raise ValueError(f"{who}: {self.attack} needs {plural(missing)} from the defense that runs it, which "
                              f"{who} does not provide; choose an attack without context, e.g. pgd")
         return self
 
@@ -319,5 +295,5 @@ class AttackSetting:
         given = {name: value for name, value in context.items() if name in self.spec.context}
         missing = [name for name in self.required_context() if name not in given]
         if missing:
-            raise ValueError(f"{self.attack} runs in training only: it needs {_plural(missing)} from a defense")
+            raise ValueError(f"{self.attack} runs in training only: it needs {plural(missing)} from a defense")
         return self.spec.function(model, x, y, bounds=bounds, generator=generator, **self.keywords(), **given)

@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from advtrain.attacks.covariance import make_covariance  # noqa: E402
 from advtrain.callbacks import CovarianceTracker  # noqa: E402
+from advtrain.callbacks.covariance import make_covariance  # noqa: E402
 from advtrain.defenses import Standard  # noqa: E402
 from advtrain.networks import CIFAR10_MEAN, CIFAR10_STD, CarliniCNN  # noqa: E402
 from bench.results_file import RESULTS, write_results  # noqa: E402

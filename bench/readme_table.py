@@ -7,8 +7,7 @@ Every figure between ``<!-- bench:begin ... -->`` and ``<!-- bench:end -->`` com
 script wrote (``make bench`` runs them, then this script), with the machine, threads, date and batch of that file
 next to it. Measured ratios are written "N.NNx"; estimates from theory never are ("about 7.7 times"). A file
 written before the benches recorded a key (the machine, the date, the NuAT settings) shows it as not recorded; a
-bench without a results file has no figures here. The top-level README.md quotes no figures: it links to
-bench/README.md.
+bench without a results file has no figures here. The top-level README.md quotes none: it links here.
 """
 
 from __future__ import annotations

@@ -57,23 +57,9 @@ class CIFAR10(ArrayDataModule):
     input_shape = (3, 32, 32)
     data_folder = "cifar-10-batches-py"
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_size: int = 1000,
-        split_seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        crop_padding: int = 4,
-        flip: bool = True,
-    ) -> None:
-        super().__init__(root=root, download=download, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, val_size=val_size, split_seed=split_seed,
-                         num_workers=num_workers, pin_memory=pin_memory, crop_padding=crop_padding,
-                         flip=flip)
+    def __init__(self, crop_padding: int = 4, flip: bool = True, **kwargs) -> None:
+        """The arguments of :class:`ArrayDataModule`, with CIFAR's augmentation on by default."""
+        super().__init__(crop_padding=crop_padding, flip=flip, **kwargs)
 
     def download_dataset(self) -> None:
         """Download and extract with torchvision; a failed download raises :class:`DatasetError` and leaves

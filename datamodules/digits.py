@@ -29,24 +29,10 @@ class Digits(ArrayDataModule):
     input_shape = (1, 8, 8)
     data_folder = None
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_size: int = 180,
-        split_seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        crop_padding: int = 0,
-        flip: bool = False,
-        test_size: int = 360,
-    ) -> None:
-        super().__init__(root=root, download=download, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, val_size=val_size, split_seed=split_seed,
-                         num_workers=num_workers, pin_memory=pin_memory, crop_padding=crop_padding,
-                         flip=flip)
+    def __init__(self, batch_size: int = 64, val_size: int = 180, test_size: int = 360, **kwargs) -> None:
+        """The arguments of :class:`ArrayDataModule` (smaller batches and validation set by default), and
+        ``test_size``: the number of test examples."""
+        super().__init__(batch_size=batch_size, val_size=val_size, **kwargs)
         _check_int("test_size", test_size, 1, "Set data.test_size to the number of test examples.")
         self.test_size = test_size
         self._splits: dict[bool, tuple[Tensor, Tensor]] | None = None

@@ -61,24 +61,6 @@ class MNIST(ArrayDataModule):
     input_shape = (1, 28, 28)
     data_folder = "MNIST/raw"
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_size: int = 1000,
-        split_seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        crop_padding: int = 0,
-        flip: bool = False,
-    ) -> None:
-        super().__init__(root=root, download=download, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, val_size=val_size, split_seed=split_seed,
-                         num_workers=num_workers, pin_memory=pin_memory, crop_padding=crop_padding,
-                         flip=flip)
-
     def download_dataset(self) -> None:
         """Download with torchvision; a failed download raises :class:`DatasetError` and leaves nothing behind
         (no empty ``MNIST/raw``, no half-written archive); files that were there before are kept."""

@@ -46,7 +46,7 @@ class _MeanL1Distance(torch.autograd.Function):
     """D[i, j] = mean_k |a_ik - b_jk| without a (B, B, dim) tensor; the gradient goes to ``a`` only (b is sg(z)).
 
     Forward: ``torch.cdist(p=1)``, a kernel that loops over pairs. Backward: on the CPU ATen's
-    ``_cdist_backward`` (also a pair loop, O(B dim) memory: tests/test_adr.py measures it); elsewhere in row
+    ``_cdist_backward`` (also a pair loop, O(B dim) memory: tests/defenses/test_adr.py measures it); elsewhere in row
     chunks of at most ``_CHUNK_ELEMENTS`` elements, because the CUDA kernel of ``_cdist_backward`` allocates
     a (B, B, dim) buffer (210 MB at B = 128 with the CIFAR CNN's 3200-d z).
     """

@@ -99,7 +99,7 @@ class AdversarialDefense(pl.LightningModule):
         classes = num_classes_of(network)
         # validate_args=False: the inputs are ours, the network's (B, classes) logits and labels that every datamodule
         # checks or builds in 0..classes-1 when it loads them. Validation would run torch.unique on every update: a
-        # host-device sync per metric per step (tests/test_host_syncs.py, tests/test_gpu.py).
+        # host-device sync per metric per step (tests/defenses/test_host_syncs.py, tests/integration/test_gpu.py).
         self.train_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.train_acc_adv = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.val_acc_clean = MulticlassAccuracy(classes, average="micro", validate_args=False)

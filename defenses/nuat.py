@@ -131,6 +131,6 @@ class NuAT(AdversarialDefense):
         loss = ce + lam * nuclear
         # lambda goes to the log as a CPU tensor: Lightning turns a Python float into a tensor ON THE DEVICE, a
         # blocking host-to-device copy every step, while a CPU tensor is logged without touching the GPU
-        # (tests/test_host_syncs.py counts it)
+        # (tests/defenses/test_host_syncs.py counts it)
         return DefenseOutput(loss, {"ce": ce, "nuclear": nuclear, "lambda": torch.tensor(lam)}, logits_clean,
                              logits_adv, x_adv)

@@ -2,7 +2,7 @@
 copy of anything larger than a factor, as oneDNN 1x1 convolutions on the CPU (see ``advtrain.networks.tucker``'s
 docstring).
 
-It computes what ``tensorly.tucker_to_tensor`` computes (up to float rounding; tests/test_tucker.py checks it).
+It computes what ``tensorly.tucker_to_tensor`` computes (up to float rounding; tests/networks/test_tucker.py checks it).
 """
 
 from __future__ import annotations

@@ -1,21 +1,76 @@
-"""Running the ``advtrain`` command in a subprocess, as a user would."""
+"""Running the ``advtrain`` command in a process of its own, as a user would.
+
+A new Python process spends most of its start importing torch and Lightning, and the suite runs dozens of
+commands, so :func:`advtrain` forks them from a server that has imported the package once (``forkserver.py``): each
+command is still its own process, with its own working directory, environment, output and exit code.
+``ADVTRAIN_TEST_SUBPROCESS=1`` (or an ``env_extra`` beyond PYTHONPATH, which a fork could not honour at import
+time) starts a new interpreter instead.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVTRAIN = [sys.executable, "-m", "advtrain"]
+_server: subprocess.Popen | None = None
+_lock = threading.Lock()
+
+
+def _fork_server() -> subprocess.Popen:
+    global _server
+    if _server is None or _server.poll() is not None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
+        _server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), str(ROOT)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        atexit.register(_server.kill)
+    return _server
+
+
+def _reply(server: subprocess.Popen, timeout: float | None) -> dict:
+    if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
+        raise TimeoutError
+    line = server.stdout.readline()
+    if not line:
+        raise RuntimeError("the advtrain fork server died")
+    return json.loads(line)
+
+
+def _forked(args: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    with _lock, tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        server = _fork_server()
+        server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
+                                       "stderr": str(err)}) + "\n")
+        server.stdin.flush()
+        pid = _reply(server, 60)["pid"]
+        try:
+            code = _reply(server, timeout)["returncode"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            _reply(server, 60)
+            raise subprocess.TimeoutExpired(["advtrain", *args], timeout) from None
+        return subprocess.CompletedProcess(["advtrain", *args], code, out.read_text(), err.read_text())
 
 
 def advtrain(*args, cwd, check=True, timeout=600, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
     env.update(env_extra or {})
-    proc = subprocess.run([*ADVTRAIN, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    args = [str(a) for a in args]
+    if os.environ.get("ADVTRAIN_TEST_SUBPROCESS") == "1" or set(env_extra or {}) - {"PYTHONPATH"}:
+        proc = subprocess.run([*ADVTRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        proc = _forked(args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"advtrain {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

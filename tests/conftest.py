@@ -1,4 +1,11 @@
-"""Shared fixtures. Tests run on CPU; each keeps to a few seconds on 2 cores."""
+"""Shared fixtures. Tests run on CPU; each keeps to a few seconds on 2 cores.
+
+The folders mirror the package (tests/attacks, tests/networks, tests/defenses, tests/datamodules, tests/callbacks,
+tests/evaluation, tests/advtrain); tests/integration holds the CLI, the recipes end to end, the cluster simulations,
+the benches and the docs' links. The support modules beside this file (helpers: small networks and defenses;
+cli_utils: running ``advtrain``; cluster_utils: simulated SLURM; fixtures_data: datasets in their real on-disk
+formats; sync_counter: host-device sync counting) are imported by name from every folder.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# the support modules beside this file (helpers, cli_utils, cluster_utils, fixtures_data, sync_counter) import by name
+# from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sync_counter import counter  # noqa: E402, F401, I001  (the fixture that counts host-device syncs)
+
 os.environ.setdefault("PYTHONHASHSEED", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one thread each (and in the processes they start), or the two

@@ -71,8 +71,8 @@ class LatentMLP(nn.Module):
 
 def every_defense(width: int, hidden: int, steps: int) -> dict:
     """name -> factory of each defense with a small DigitsCNN(width, hidden) and ``steps``-step attacks, for the
-    host-sync checks (tests/test_host_syncs.py on CPU, tests/test_gpu.py on CUDA). A factory returns the module,
-    or (module, the callbacks it needs)."""
+    host-sync checks (tests/defenses/test_host_syncs.py on CPU, tests/integration/test_gpu.py on CUDA). A factory
+    returns the module, or (module, the callbacks it needs)."""
     from advtrain.callbacks import CovarianceTracker
     from advtrain.defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
     from advtrain.networks import DigitsCNN, Tensorized

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from advtrain.attacks import AttackSetting, attack_mode, seeded_generator
-from advtrain.attacks.covariance import REPRESENTATIONS, Covariance, load_covariance, make_covariance
 from advtrain.defenses import step_output
 
-from .covariance_logging import data_mean_variance, input_shape_of, log_covariance
+from .sigma import REPRESENTATIONS, Covariance, load_covariance, make_covariance
+from .summaries import data_mean_variance, input_shape_of, log_covariance
 
 SOURCES = ("gradient", "sign", "defense", "step_gradient")  # and any training attack of the attack table
 SCALES = ("data", "unit", "none")
@@ -28,7 +28,7 @@ class CovarianceTracker(pl.Callback):
 
     When each hook runs:
 
-    * ``setup("fit")``: builds the estimate over the datamodule's input shape (``advtrain.attacks.covariance``: ``full``
+    * ``setup("fit")``: builds the estimate over the datamodule's input shape (:mod:`.sigma`: ``full``
       d x d matrix, or ``stationary`` covariance functions, eq. 16) and its scaled Sigma, :attr:`covariance`,
       which is never None from then on. Before the first update Sigma is the identity scaled to the
       target mean diagonal, so SGR starts as GN (our choice: the paper does not say how Sigma starts); the first
@@ -43,7 +43,7 @@ class CovarianceTracker(pl.Callback):
       scaled Sigma (:attr:`covariance`) is rewritten in place (the same object).
     * ``on_train_epoch_end`` and every ``log_every_n_steps`` batches (rank 0): logs the decay lengths
       (``covariance/decay_length_<c><c'>``), the covariance functions as a plot and, for ``full``, the matrix as
-      an image (``callbacks/covariance_logging.py``); these read values back to the host, the updates do not.
+      an image (``callbacks/covariance/summaries.py``); these read values back to the host, the updates do not.
 
     Sources of xi (the paper's: loss gradients, their sign, FGSM or PGD perturbations, crafted with the model's
     predicted label, no label leaking): ``gradient`` / ``sign``: the input gradient of CE at the predicted label

@@ -19,17 +19,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from cli_utils import ROOT
 
-
-def repository_root(start: Path) -> Path:
-    """The nearest folder above ``start`` that holds pyproject.toml (tests may live in subfolders)."""
-    for folder in start.resolve().parents:
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    raise RuntimeError(f"no pyproject.toml above {start}")
-
-
-ROOT = repository_root(Path(__file__))
 TOP_LEVEL = ("attacks", "networks", "defenses", "datamodules", "evaluation", "callbacks", "advtrain", "configs",
              "docs", "bench", "tests")
 PACKAGES = ("attacks", "networks", "defenses", "datamodules", "callbacks", "evaluation", "advtrain", "bench")

@@ -6,27 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from cli_utils import ROOT
 
-
-def repository_root(start: Path) -> Path:
-    """The nearest folder above ``start`` that holds pyproject.toml (tests may live in subfolders)."""
-    for folder in start.resolve().parents:
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    raise RuntimeError(f"no pyproject.toml above {start}")
-
-
-ROOT = repository_root(Path(__file__))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import readme_table  # noqa: E402
-from bench.results_file import write_results  # noqa: E402
-from bench.step_cost import NUAT_CONFIGS, nuat_settings  # noqa: E402
+from bench import readme_table
+from bench.results_file import write_results
+from bench.step_cost import NUAT_CONFIGS, nuat_settings
 
 RESULTS = ROOT / "bench" / "results"
 BENCH_README = ROOT / "bench" / "README.md"

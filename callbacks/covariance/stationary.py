@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .covariance_base import Covariance
+from .sigma_base import Covariance
 
 METHODS = ("fft", "conv")
 

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from cli_utils import ROOT, advtrain, config, straight_and_resumed
 from helpers import DigitsMLP
 from pytorch_lightning.plugins.precision import Precision
-from test_host_syncs import counter  # noqa: F401  (the fixture that counts host-device syncs)
 
 from advtrain.attacks import pgd
-from advtrain.attacks.covariance import StationaryCovariance, make_covariance
 from advtrain.callbacks import CovarianceTracker
+from advtrain.callbacks.covariance import StationaryCovariance, make_covariance
 from advtrain.datamodules import Digits
 from advtrain.defenses import PGDAT, Standard, StepOutput
 
@@ -176,7 +175,7 @@ def test_update_every_freeze_and_fixed_sigma(tmp_path):
 
 
 @pytest.mark.parametrize("representation", ["stationary", "full"])
-def test_updates_and_sigma_g_make_no_host_sync(counter, representation):  # noqa: F811
+def test_updates_and_sigma_g_make_no_host_sync(counter, representation):
     """What runs every training step (crafting, statistics, EMA, rescaling, the kernel, Sigma g) reads nothing back."""
     dm = Digits()
     dm.setup("fit")
@@ -287,7 +286,7 @@ def test_ddp_ranks_hold_the_same_sigma_equal_to_the_global_batch_update(tmp_path
     advtrain("fit", "-c", config("demo/pgd_at.yaml"), "-c", overrides, "--trainer.accelerator", "cpu",
              "--trainer.devices", 2, "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
              "--trainer.enable_checkpointing", "false", cwd=tmp_path,
-             env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+             env_extra={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{Path(__file__).parent}"})
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in ("values", "mean"):
         assert torch.equal(r0["tracker"][key], r1["tracker"][key]), key  # bitwise the same on both ranks

@@ -1,4 +1,4 @@
-"""advtrain.attacks.covariance: SGR's Sigma representations (Roth et al. 2018, eqs. 14-16) against independent
+"""advtrain.callbacks.covariance: SGR's Sigma representations (Roth et al. 2018, eqs. 14-16) against independent
 references: dense matrices built here with numpy, brute-force loops over position pairs, hand EMA updates, and synthetic
 Gaussian perturbations of a known stationary covariance."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advtrain.attacks.covariance import (
+from advtrain.callbacks.covariance import (
     FullCovariance,
     IdentityCovariance,
     StationaryCovariance,

@@ -24,8 +24,8 @@ import os
 import torch
 from torch import Tensor
 
-from .covariance_base import Covariance, decay_lengths
-from .covariance_stationary import StationaryCovariance, position_radius
+from .sigma_base import Covariance, decay_lengths
+from .stationary import StationaryCovariance, position_radius
 
 REPRESENTATIONS = ("full", "stationary")
 

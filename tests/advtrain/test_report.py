@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_utils import advtrain
 
 from advtrain import report
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PGD8, FGSM8, PGD16, CW8 = "pgd-20 eps=8/255", "fgsm eps=8/255", "pgd-20 eps=16/255", "cw-20 eps=8/255"
 
@@ -150,13 +146,10 @@ def test_advtrain_cli_dispatches_report(runs, capsys):
 
 
 def test_advtrain_report_end_to_end(runs, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "advtrain", "report", str(runs)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = advtrain("report", runs, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == EXPECTED + "\n"
-    proc = subprocess.run([sys.executable, "-m", "advtrain", "report", str(tmp_path / "nowhere")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = advtrain("report", tmp_path / "nowhere", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "nowhere does not exist" in proc.stderr and not proc.stdout
 
 

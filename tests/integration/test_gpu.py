@@ -25,7 +25,7 @@ any other sync in NuAT's step still fails. This is preferred to patching ``nucle
 the step keeps its real computation (the SVD's output and the gradient through it, which the attack and the
 backward check take under "error"), and the exempted sync is not hidden but reported as a warning.
 
-``tests/test_host_syncs.py`` counts the same reads on CPU, so that a regression shows without a GPU.
+``tests/defenses/test_host_syncs.py`` counts the same reads on CPU, so that a regression shows without a GPU.
 """
 
 from __future__ import annotations

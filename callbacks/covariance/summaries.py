@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from advtrain.attacks.covariance import Covariance, FullCovariance, decay_lengths
+from .sigma import Covariance, FullCovariance, decay_lengths
 
 MAX_IMAGE_SIDE = 1024  # a full CIFAR Sigma (3072 x 3072) is average-pooled to this side for the image
 

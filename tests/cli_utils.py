@@ -3,8 +3,7 @@
 A new Python process spends most of its start importing torch and Lightning, and the suite runs dozens of
 commands, so :func:`advtrain` forks them from a server that has imported the package once (``forkserver.py``): each
 command is still its own process, with its own working directory, environment, output and exit code.
-``ADVTRAIN_TEST_SUBPROCESS=1`` (or an ``env_extra`` beyond PYTHONPATH, which a fork could not honour at import
-time) starts a new interpreter instead.
+``ADVTRAIN_TEST_SUBPROCESS=1`` (or an ``env_extra`` beyond PYTHONPATH) starts a new interpreter instead.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADVTRAIN = [sys.executable, "-m", "advtrain"]
 _server: subprocess.Popen | None = None
 _lock = threading.Lock()
+_late = 0  # answers still to come for requests that timed out
 
 
 def _fork_server() -> subprocess.Popen:
@@ -45,28 +45,65 @@ def _reply(server: subprocess.Popen, timeout: float | None) -> dict:
     return json.loads(line)
 
 
+def _request(request: dict, timeout: float | None = None) -> dict:
+    """Send one request to this worker's fork server and read its answer (after any answer a timed-out request
+    left behind)."""
+    global _late
+    server = _fork_server()
+    while _late:
+        _reply(server, 600)
+        _late -= 1
+    server.stdin.write(json.dumps(request) + "\n")
+    server.stdin.flush()
+    try:
+        return _reply(server, timeout)
+    except TimeoutError:
+        _late += 1
+        raise
+
+
+class Forked:
+    """A command forked by the server, started without waiting (``subprocess.Popen``'s ``pid`` and ``wait``)."""
+
+    def __init__(self, args: list[str], cwd, env: dict, output: Path, group: int | None = None):
+        self.args, self.output_path, self.returncode = args, output, None
+        with _lock:
+            self.pid = _request({"op": "start", "args": args, "cwd": str(cwd), "env": env, "stdout": str(output),
+                                 "stderr": str(output), "group": group}, 60)["pid"]
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            with _lock:
+                try:
+                    self.returncode = _request({"op": "wait", "pid": self.pid}, timeout)["returncode"]
+                except TimeoutError:
+                    raise subprocess.TimeoutExpired(["advtrain", *self.args], timeout) from None
+        return self.returncode
+
+
 def _forked(args: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
     with _lock, tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        server = _fork_server()
-        server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
-                                       "stderr": str(err)}) + "\n")
-        server.stdin.flush()
-        pid = _reply(server, 60)["pid"]
+        pid = _request({"op": "start", "args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
+                        "stderr": str(err)}, 60)["pid"]
         try:
-            code = _reply(server, timeout)["returncode"]
+            code = _request({"op": "wait", "pid": pid}, timeout)["returncode"]
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
-            _reply(server, 60)
             raise subprocess.TimeoutExpired(["advtrain", *args], timeout) from None
         return subprocess.CompletedProcess(["advtrain", *args], code, out.read_text(), err.read_text())
+
+
+def forking() -> bool:
+    """Whether commands fork from the server (the default) rather than start a new interpreter."""
+    return os.environ.get("ADVTRAIN_TEST_SUBPROCESS") != "1"
 
 
 def advtrain(*args, cwd, check=True, timeout=600, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
     env.update(env_extra or {})
     args = [str(a) for a in args]
-    if os.environ.get("ADVTRAIN_TEST_SUBPROCESS") == "1" or set(env_extra or {}) - {"PYTHONPATH"}:
+    if not forking() or set(env_extra or {}) - {"PYTHONPATH"}:
         proc = subprocess.run([*ADVTRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
     else:

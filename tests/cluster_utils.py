@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli_utils import ADVTRAIN, ROOT
+from cli_utils import ADVTRAIN, ROOT, Forked, forking
 
 FAKE_SCONTROL = """#!{python}
 import os, signal, sys
@@ -59,34 +59,37 @@ def slurm_env(job: int, *, rank: int = 0, tasks: int = 1, nodes: int = 1, array_
     return env
 
 
-def start_tasks(args: list, envs: list[dict], cwd: Path) -> list[subprocess.Popen]:
+def start_tasks(args: list, envs: list[dict], cwd: Path) -> list:
     """Start one ``advtrain`` process per task environment, all in one new process group (the job). Each task's
-    output goes to a file (a pipe that nobody reads while the job runs could fill up and stall a task)."""
+    output goes to a file (a pipe that nobody reads while the job runs could fill up and stall a task). The tasks are
+    forked from the test worker's fork server (``cli_utils``), or with ``ADVTRAIN_TEST_SUBPROCESS=1`` started as new
+    interpreters."""
     procs = []
     for env in envs:
         full = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", PYTHONHASHSEED="0", **env)
-        group = {"process_group": procs[0].pid if procs else 0}  # one new process group: the job
-        output = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen([*ADVTRAIN, *map(str, args)], cwd=cwd, env=full, stdout=output,
-                                stderr=subprocess.STDOUT, text=True, **group)
-        proc.output = output
+        group = procs[0].pid if procs else 0  # one new process group: the job
+        output = Path(tempfile.mkdtemp()) / "output"
+        if forking():
+            procs.append(Forked([str(a) for a in args], cwd, full, output, group))
+            continue
+        with open(output, "w") as out:
+            proc = subprocess.Popen([*ADVTRAIN, *map(str, args)], cwd=cwd, env=full, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True, process_group=group)
+        proc.output_path = output
         procs.append(proc)
     return procs
 
 
-def wait(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+def wait(procs: list, timeout: float = 300) -> list[tuple[int, str]]:
     """Wait for every task: their exit codes and output. A job still running after ``timeout`` seconds is killed."""
     try:
         codes = [proc.wait(timeout=timeout) for proc in procs]
     except subprocess.TimeoutExpired:
         os.killpg(procs[0].pid, signal.SIGKILL)
+        for proc in procs:
+            proc.wait(60)
         raise
-    outputs = []
-    for proc in procs:
-        proc.output.seek(0)
-        outputs.append(proc.output.read())
-        proc.output.close()
-    return list(zip(codes, outputs))
+    return [(code, proc.output_path.read_text()) for code, proc in zip(codes, procs, strict=True)]
 
 
 FAKE_SBATCH = """#!{python}

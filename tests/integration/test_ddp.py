@@ -10,6 +10,7 @@ import torch
 from cli_utils import advtrain, config
 from cluster_utils import fake_slurm_bin, free_port, slurm_env, start_tasks, wait
 
+from advtrain.callbacks.requeue import EXIT_REQUEUED
 from advtrain.datamodules import Digits
 
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -49,7 +50,10 @@ def test_two_nodes_under_srun_train_resume_a_preemption_bitwise_and_test_like_on
 
     signalled = [*fit, "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", 14,
                  "--trainer.callbacks.rank", 1]
-    assert [code for code, _ in job(200, signalled)] == [-9, -9]  # both killed after the requeue
+    rank0, rank1 = (code for code, _ in job(200, signalled))
+    # rank 0 asks for the requeue and is killed with the job; rank 1 is killed too, or had already stopped to be
+    # requeued (exit 3): which one comes first is a race on a real cluster as well
+    assert rank0 == -9 and rank1 in (-9, EXIT_REQUEUED), (rank0, rank1)
     assert log.read_text() == "scontrol requeue 200\n"  # rank 0 asked, once
     run = tmp_path / "runs" / "demo" / "pgd_at" / "version_0"
     assert torch.load(run / "checkpoints" / "hpc.ckpt", weights_only=False)["global_step"] == 15

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from advtrain.attacks import AttackSetting, seeded_generator
+from advtrain.attacks import AttackSetting, seeded_generator, stream_seed
 from advtrain.attacks.metrics import METRICS
 
 from .threat import craft
+
+NETWORK_STREAM = -1  # the stream index of a randomized network's own draws (attack runs are 0, 1, ...)
 
 
 class TransferSource(NamedTuple):
@@ -81,6 +83,19 @@ def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, ba
     the clean and the attacked forward are independent draws, so requiring both would count the randomness
     twice (accuracy at eps 0 would fall below clean accuracy); a draw counts as robust when it classifies the
     adversarial input correctly. ``on_run(i)`` is called before run i starts (progress reporting)."""
+    # a randomized network draws its randomness (Tucker masks, dropout) from the global generators: seeded by the
+    # batch here, so any process attacking this batch at any time (a resumed evaluation, another DDP rank) draws
+    # the same, and the caller's generators are left where they were
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        network_seed = stream_seed(seed, NETWORK_STREAM, batch_idx)
+        torch.random.default_generator.manual_seed(network_seed)
+        for device in cuda:  # this device only: fork_rng restores no other
+            torch.cuda.default_generators[device.index or 0].manual_seed(network_seed)
+        return _evaluate_batch(network, runs, x, y, batch_idx, draws, seed, bounds, on_run)
+
+
+def _evaluate_batch(network, runs, x, y, batch_idx, draws, seed, bounds, on_run) -> dict:
     clean_ok = correct(network, x, y, draws)
     robust, seconds, metrics = [], [], {}
     for i, run in enumerate(runs):

@@ -108,28 +108,36 @@ def test_draws_below_two_are_rejected():
         RobustnessEvaluation(draws=1)
 
 
-def test_interrupted_evaluation_resumes_with_only_the_missing_batches(tmp_path, trained_net):
-    full = evaluate(tmp_path / "full", trained_net, batch_size=50).results.to_dict()
+@pytest.mark.parametrize("randomized", [False, True], ids=["deterministic", "randomized"])
+def test_interrupted_evaluation_resumes_with_only_the_missing_batches(tmp_path, trained_net, randomized):
+    """The resumed evaluation equals an uninterrupted one example for example, also for a randomized network: its
+    randomness in each batch is seeded by the batch, not drawn from wherever the global generator happens to be."""
+    net = {"dropout": 0.3} if randomized else {}
+    more = {"attacks": SUITE, **({"draws": 3, "limit": 200} if randomized else {})}
+    full = evaluate(tmp_path / "full", trained_net, batch_size=50, **net, **more).results.to_dict()
+    assert full["randomized"] == randomized
 
     class Crash(RobustnessEvaluation):
         def on_batch_done(self, batch_idx):
             if batch_idx == 2:
                 raise RuntimeError("simulated crash")
 
-    network = Net()
+    network = Net(**net)
     network.load_state_dict(trained_net)
     model = Standard(network=network, eps=0.1)
-    crash = Crash(attacks=SUITE, batch_size=50)
+    crash = Crash(batch_size=50, **more)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
                          default_root_dir=tmp_path / "resumed", callbacks=[crash])
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.test(model, datamodule=Digits(), verbose=False)
     assert crash.computed_batches == [0, 1, 2]
-    again = evaluate(tmp_path / "resumed", trained_net, batch_size=50)
-    assert again.computed_batches == [3, 4, 5, 6, 7]  # 360 examples in batches of 50
+    torch.manual_seed(12345)  # wherever the global generator stands, the missing batches draw the same
+    again = evaluate(tmp_path / "resumed", trained_net, batch_size=50, **net, **more)
+    assert again.computed_batches == ([3] if randomized else [3, 4, 5, 6, 7])  # in batches of 50
     resumed = json.loads((tmp_path / "resumed" / "robustness.json").read_text())
     assert resumed["per_example"] == full["per_example"]
     assert [a["correct"] for a in resumed["attacks"]] == [a["correct"] for a in full["attacks"]]
+    assert resumed["clean"] == full["clean"]
     assert not list((tmp_path / "resumed" / "robustness_batches").glob("*/*.pt"))  # cleaned up
 
 

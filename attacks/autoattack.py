@@ -60,6 +60,9 @@ Deviations from the official protocol, and how the components are driven:
 * torchattacks' FAB calls ``loss.backward()``, which accumulates gradients in the parameters; every
   parameter's ``.grad`` is restored afterwards (the package's rule: attacks leave weight gradients
   untouched).
+* torchattacks gets the inputs, and their gradients, in the default memory format: a channels_last network
+  (``configs/trainer/gpu.yaml``) gives channels_last input gradients, which FAB's ``.view`` refuses. ``x_adv``
+  comes back in the input's memory format.
 * The run is in float32 with autocast off (APGD's step-size control and FAB's projections are not
   written for bf16); the result is returned in the input's dtype.
 * Each call attacks the batch it is given in one piece (the official code splits into ``bs=250``);
@@ -91,6 +94,7 @@ from .autoattack_components import (
     _apgd_every_point,
     _check_norm,
     _correct_fraction,
+    _DefaultFormat,
     _kept_state,
     _Reshaped,
     _seed_rngs,
@@ -146,11 +150,11 @@ def _check_arguments(x: Tensor, y: Tensor, version: str, seed: int, eot_draws: i
 
 def _as_images(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor]:
     """The model and the inputs as torchattacks takes them: float32 or wider, (N, C, H, W) (a waveform
-    (N, 1, L) is viewed as (N, 1, 1, D))."""
-    inputs = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    (N, 1, L) is viewed as (N, 1, 1, D)), in the default memory format, gradients included."""
+    inputs = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).contiguous()
     if inputs.dim() == 4:
-        return model, inputs
-    return _Reshaped(model, x.shape[1:]), inputs.reshape(x.shape[0], 1, 1, -1)
+        return _DefaultFormat(model), inputs
+    return _DefaultFormat(_Reshaped(model, x.shape[1:])), inputs.reshape(x.shape[0], 1, 1, -1)
 
 
 class _Run:
@@ -263,7 +267,8 @@ def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, 
                     f"(attacked {entry['attacked']}, {entry['seconds']:.1f} s)")
     report["robust"] = int(run.robust.sum())
     report["seconds"] = round(time.perf_counter() - start, 3)
-    return run.x_adv.reshape(x.shape).to(x.dtype), report
+    # in the input's dtype and memory format (empty_like keeps a channels_last input's)
+    return torch.empty_like(x).copy_(run.x_adv.reshape(x.shape)), report
 
 
 __all__ = ["AUTOATTACK_VERSION", "EOT_DRAWS", "FAB_ALPHA_MAX", "FAB_BETA", "FAB_ETA", "ITERATIONS", "RHO",

@@ -99,6 +99,31 @@ class _Reshaped(nn.Module):
         return self.model(x.reshape(x.shape[0], *self.sample_shape))
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity; its backward hands the input gradient on in the default memory format."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _DefaultFormat(nn.Module):
+    """Presents a model to torchattacks with inputs and input gradients in the default memory format: a
+    channels_last network (``configs/trainer/gpu.yaml``) gives channels_last input gradients, and torchattacks'
+    FAB ``.view``s them, which fails on 3-channel images."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(_ContiguousGradient.apply(x))
+
+
 def _seed_rngs(seed: int, device: torch.device) -> None:
     """Seed the CPU generator and that of ``device`` (not every GPU, as ``torch.manual_seed`` would)."""
     torch.random.default_generator.manual_seed(seed)

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from pytorch_lightning.callbacks import WeightAveraging
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+
+class HostCountedAverage(AveragedModel):
+    """torch's ``AveragedModel`` with the same update, minus its host syncs: torch's ``update_parameters`` branches on
+    the tensor ``n_averaged`` twice per update (a GPU would wait for the host each step, for each average). The
+    count is also kept here on the host; it is read back from ``n_averaged`` once, after the average is loaded from a
+    checkpoint. The update is torch's ``avg_fn`` path, operation for operation (bitwise the same)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._count: int | None = 0  # the host's copy of n_averaged; None (after a load): read it once
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None
+
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.avg_fn is None or self.multi_avg_fn is not None:
+            raise ValueError("HostCountedAverage takes an avg_fn (e.g. get_ema_avg_fn(decay)), not a multi_avg_fn")
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        if self.use_buffers:
+            own = itertools.chain(self.module.parameters(), self.module.buffers())
+            theirs = itertools.chain(model.parameters(), model.buffers())
+        else:
+            own, theirs = self.parameters(), model.parameters()
+        for averaged, current in zip(own, theirs, strict=False):
+            current = current.detach().to(averaged.device)
+            if self._count == 0:
+                averaged.detach().copy_(current)
+            else:
+                averaged.detach().copy_(self.avg_fn(averaged.detach(), current, self.n_averaged.to(averaged.device)))
+        if not self.use_buffers:  # the buffers follow the model, as in torch
+            for averaged, current in zip(self.module.buffers(), model.buffers(), strict=True):
+                averaged.detach().copy_(current.detach().to(averaged.device))
+        self.n_averaged += 1
+        self._count += 1
 
 
 class EMA(WeightAveraging):
@@ -45,7 +83,7 @@ class EMA(WeightAveraging):
             raise ValueError(f"EMA start_step must be >= 0, got {start_step}")
         super().__init__(device=device, use_buffers=use_buffers, avg_fn=get_ema_avg_fn(decay))
         self.decay, self.attack_decay, self.start_step = decay, attack_decay, start_step
-        self._attack_model: AveragedModel | None = None
+        self._attack_model: HostCountedAverage | None = None
         self._trainer = None
         self._validating = False
 
@@ -69,11 +107,14 @@ class EMA(WeightAveraging):
         if stage != "fit":
             return
         self._trainer = trainer
+        device = self._device or pl_module.device
+        # the same average as WeightAveraging built, updated without host syncs
+        self._average_model = HostCountedAverage(pl_module, device=device, use_buffers=self._use_buffers,
+                                                 **self._kwargs)
         averaged = [self._average_model]
         if self.attack_decay is not None:
-            device = self._device or pl_module.device
-            self._attack_model = AveragedModel(pl_module.network, device=device, use_buffers=self._use_buffers,
-                                               avg_fn=get_ema_avg_fn(self.attack_decay))
+            self._attack_model = HostCountedAverage(pl_module.network, device=device, use_buffers=self._use_buffers,
+                                                    avg_fn=get_ema_avg_fn(self.attack_decay))
             averaged.append(self._attack_model)
         for model in averaged:  # averages are never trained: no gradient can flow into them
             model.requires_grad_(False)
@@ -114,4 +155,4 @@ class EMA(WeightAveraging):
             self._attack_model.load_state_dict(state_dict["attack_model"])
 
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "HostCountedAverage"]

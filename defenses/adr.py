@@ -89,8 +89,14 @@ def soft_cross_entropy(target_logits: Tensor, logits: Tensor) -> Tensor:
 
 def adr_terms(z: Tensor, logits: Tensor, z_adv: Tensor, logits_adv: Tensor, y: Tensor,
               terms: tuple[str, ...] = TERMS, scale: float = 0.99) -> dict[str, Tensor]:
-    """The five ADR terms named in ``terms`` (each unweighted), stop-gradients as in the TF code."""
-    z, z_adv, logits, logits_adv = z.float(), z_adv.float(), logits.float(), logits_adv.float()
+    """The five ADR terms named in ``terms`` (each unweighted), stop-gradients as in the TF code. In float32, also
+    under a bf16-mixed trainer's autocast (which would run the pairwise product of the global smoothness in bf16)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _adr_terms(z.float(), logits.float(), z_adv.float(), logits_adv.float(), y, terms, scale)
+
+
+def _adr_terms(z: Tensor, logits: Tensor, z_adv: Tensor, logits_adv: Tensor, y: Tensor, terms: tuple[str, ...],
+               scale: float) -> dict[str, Tensor]:
     out = {}
     if "lc" in terms:
         out["lc"] = (z.detach() - z_adv).abs().mean()

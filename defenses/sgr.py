@@ -101,6 +101,9 @@ class SGR(AdversarialDefense):
     def __init__(self, network: nn.Module, lam: float = 1.0, sigma: str = "tracked", uncentred: bool = False,
                  batchnorm: str = "eval", **kwargs):
         super().__init__(network, **kwargs)
+        if self.compile_network:
+            raise ValueError(f"{type(self).__name__} backpropagates through the input gradient (a double backward), "
+                             "which torch.compile (aot_autograd) does not support; set model.init_args.compile false")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
             raise ValueError(f"lam must be a number >= 0, got {lam!r}")
         if sigma not in SIGMAS:
@@ -164,7 +167,8 @@ class SGR(AdversarialDefense):
         parts = {"ce": ce, "omega": omega, "lam": torch.tensor(self.lam)}
         if self.uncentred:
             mu = self.covariance.mean.reshape(-1).to(g_flat)
-            mean_term = -(g_flat @ mu).mean()
+            with torch.autocast(g_flat.device.type, enabled=False):  # a matrix product: bf16 under bf16-mixed
+                mean_term = -(g_flat @ mu).mean()
             regularizer = regularizer + mean_term
             parts["mean_term"] = mean_term
         loss = ce + self.lam * regularizer

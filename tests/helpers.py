@@ -73,7 +73,7 @@ def every_defense(width: int, hidden: int, steps: int) -> dict:
     """name -> factory of each defense with a small DigitsCNN(width, hidden) and ``steps``-step attacks, for the
     host-sync checks (tests/defenses/test_host_syncs.py on CPU, tests/integration/test_gpu.py on CUDA). A factory
     returns the module, or (module, the callbacks it needs)."""
-    from advtrain.callbacks import CovarianceTracker
+    from advtrain.callbacks import EMA, CovarianceTracker
     from advtrain.defenses import ADR, GN, PGDAT, SGR, TRADES, MixtureAT, NuAT, Standard
     from advtrain.networks import DigitsCNN, Tensorized
 
@@ -98,6 +98,11 @@ def every_defense(width: int, hidden: int, steps: int) -> dict:
         "SGR": lambda: (SGR(network=network(), lam=1.0, eps=0.1),
                         [CovarianceTracker(source="step_gradient", representation="stationary")]),
         "MixtureAT-pgd": lambda: MixtureAT(network=network(), eps=0.1, attack={"attack": "pgd", "steps": steps}),
+        # the weight averages are updated in the callback's on_train_batch_end, after every step
+        "NuAT-WA": lambda: (NuAT(network=network(), eps=0.1, start_scale=0.05, nuclear_every=2, lambda_ramp_epochs=1),
+                            [EMA(decay=0.9)]),
+        "NuAT2-WA": lambda: (NuAT(network=network(), eps=0.1, start_scale=0.05, attack_steps=2, nuclear_every=2,
+                                  lambda_ramp_epochs=1), [EMA(decay=0.9, attack_decay=0.5)]),
     }
 
 

@@ -126,3 +126,29 @@ def test_resume_gives_bitwise_the_same_averages_as_an_uninterrupted_run(tmp_path
     (fast_b,) = [v["attack_model"] for k, v in b["callbacks"].items() if k.startswith("EMA")]
     for key, value in fast_a.items():
         assert torch.equal(value, fast_b[key]), key
+
+
+def test_the_sync_free_average_is_torchs_bitwise_also_after_a_load():
+    """HostCountedAverage updates as torch's AveragedModel does (its avg_fn path), without reading n_averaged
+    back; loaded from a state dict it continues where the other left off."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+    from advtrain.callbacks.ema import HostCountedAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ours, theirs = (cls(model, use_buffers=True, avg_fn=get_ema_avg_fn(0.9))
+                    for cls in (HostCountedAverage, AveragedModel))
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 4))  # moves BatchNorm's running statistics (buffers are averaged too)
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+        if step == 1:
+            resumed = HostCountedAverage(model, use_buffers=True, avg_fn=get_ema_avg_fn(0.9))
+            resumed.load_state_dict(ours.state_dict())
+            ours = resumed
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

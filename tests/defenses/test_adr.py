@@ -319,3 +319,17 @@ def test_adr_cost_benchmark_runs_and_writes_its_ratio(tmp_path):
     written = json.loads(out.read_text())
     assert written["ratios"] == result["ratios"] and result["ratios"]["adr_vs_pgd_at"] > 0
     assert written["latent_dim"] == 3200 and {"threads", "machine", "date"} <= set(written)
+
+
+def test_the_terms_stay_float32_under_bf16_autocast():
+    """A bf16-mixed trainer runs the defense under autocast: the pairwise (B, C) x (C, B) product of the global
+    smoothness would run in bf16 there, although its inputs were cast to float32."""
+    g = torch.Generator().manual_seed(0)
+    z, z_adv = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    logits, logits_adv = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    reference = adr_terms(z, logits, z_adv, logits_adv, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = adr_terms(z, logits, z_adv, logits_adv, y)
+    for name, value in reference.items():
+        assert mixed[name].dtype == torch.float32 and torch.equal(mixed[name], value), name

@@ -57,19 +57,25 @@ DEFENSES = every_defense(width=8, hidden=32, steps=3)
 
 
 def fit_counting(module, counter: SyncCounter, steps: int = 2) -> int:
-    """``steps`` real training steps on digits, counting inside ``training_step`` only; returns how many ran.
-    ``module`` is a LightningModule or (module, the callbacks it needs)."""
+    """``steps`` real training steps on digits, counting inside ``training_step`` and the callbacks'
+    ``on_train_batch_end`` (weight averages and the covariance tracker update there, every step); returns how many
+    steps ran. ``module`` is a LightningModule or (module, the callbacks it needs)."""
     module, callbacks = module if isinstance(module, tuple) else (module, [])
-    step = module.training_step
     ran = []
 
-    @functools.wraps(step)
-    def counted_step(*args, **kwargs):
-        ran.append(True)
-        with counter.counting():
-            return step(*args, **kwargs)
+    def counted(hook, record=False):
+        @functools.wraps(hook)
+        def run(*args, **kwargs):
+            if record:
+                ran.append(True)
+            with counter.counting():
+                return hook(*args, **kwargs)
 
-    module.training_step = counted_step
+        return run
+
+    module.training_step = counted(module.training_step, record=True)
+    for callback in callbacks:
+        callback.on_train_batch_end = counted(callback.on_train_batch_end)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
                          num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)

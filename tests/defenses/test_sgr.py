@@ -122,6 +122,13 @@ def test_omega_equals_the_logit_form_on_a_nonlinear_network():
     torch.testing.assert_close(out.parts["omega"], torch.stack(terms).mean())
 
 
+def test_compile_is_refused_in_one_line_naming_the_double_backward():
+    """torch.compile's aot_autograd has no double backward: SGR and GN would fail on their first step."""
+    for defense in (SGR, GN):
+        with pytest.raises(ValueError, match="double backward.*compile false"):
+            defense(DigitsCNN(width=4, hidden=16), compile=True)
+
+
 def test_gn_equals_sgr_with_an_identity_covariance(batch):
     x, y = batch
     torch.manual_seed(0)
@@ -350,3 +357,18 @@ def test_sgr_trains_with_the_covariance_tracker(tmp_path, representation):
     dense = model.covariance.to_dense()
     torch.testing.assert_close(out.parts["omega"], 0.5 * torch.einsum("bi,ij,bj->b", g, dense, g).mean(),
                                rtol=1e-4, atol=1e-7)
+
+
+def test_the_uncentred_mean_term_stays_float32_under_bf16_autocast(batch):
+    """-mean_i g_i^T mu is a matrix product: under a bf16-mixed trainer's autocast it would run in bf16 although g
+    was widened to float32."""
+    x, y = batch
+    torch.manual_seed(0)
+    model = SGR(DigitsCNN(width=4, hidden=16), lam=0.5, uncentred=True)
+    model.fixed_covariance = DenseCovariance(torch.eye(64), mean=torch.randn(64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.defense_loss(x, y, 0)
+    g = out.input_gradient.flatten(1).float()
+    expected = -(g @ model.fixed_covariance.mean).mean()
+    assert out.parts["mean_term"].dtype == torch.float32
+    assert torch.equal(out.parts["mean_term"], expected)

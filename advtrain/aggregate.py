@@ -16,9 +16,16 @@ from pathlib import Path
 from advtrain.evaluation.results import EvaluationResults
 
 NO_EOT_MARK = "†"
+LOW_PRECISION_MARK = "ᵇ"
 
 
-class UpperBound(float):
+class Percent(float):
+    """An accuracy in percent; ``low_precision``: it was evaluated in bf16, not float32."""
+
+    low_precision = False
+
+
+class UpperBound(Percent):
     """An accuracy of a randomized network under an attack with single-draw gradients (no EOT)."""
 
 
@@ -36,12 +43,15 @@ class Spread(float):
         spread.n = len(values)
         spread.size = any(isinstance(v, Size) for v in values)  # a perturbation size, not a percentage
         spread.upper_bound = any(isinstance(v, UpperBound) for v in values)  # single-draw gradients (no EOT)
+        spread.low_precision = any(getattr(v, "low_precision", False) for v in values)  # bf16, not float32
         return spread
 
     def text(self, mark: bool = True) -> str:
         mean = f"{self:.4g}" if self.size else f"{self:.2f}"
         spread = "" if self.n == 1 else f" ± {self.std:.2g}" if self.size else f" ± {self.std:.2f}"
-        return f"{mean}{spread} ({self.n})" + (NO_EOT_MARK if mark and self.upper_bound and not self.size else "")
+        marks = (NO_EOT_MARK if self.upper_bound and not self.size else "") + \
+            (LOW_PRECISION_MARK if self.low_precision else "")
+        return f"{mean}{spread} ({self.n})" + (marks if mark else "")
 
 
 def _group(name: str) -> str:

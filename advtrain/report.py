@@ -27,7 +27,15 @@ from pathlib import Path
 
 from advtrain.evaluation.results import EvaluationResults, SettingResult
 
-from .aggregate import NO_EOT_MARK, Size, UpperBound, aggregate, sweep_seed  # the values of table cells
+from .aggregate import (  # the values of table cells
+    LOW_PRECISION_MARK,
+    NO_EOT_MARK,
+    Percent,
+    Size,
+    UpperBound,
+    aggregate,
+    sweep_seed,
+)
 
 RESULTS = "robustness*.json"  # robustness.json, robustness-<checkpoint>.json, ...-2.json
 class ReportError(Exception):
@@ -112,8 +120,9 @@ def _family(entry: SettingResult) -> str | None:
 def _average(values: list) -> float | None:
     if not values or any(v is None for v in values):
         return None  # a run that lacks part of the grid has no average over it
-    mean = sum(values) / len(values)
-    return UpperBound(mean) if any(isinstance(v, UpperBound) for v in values) else mean
+    average = (UpperBound if any(isinstance(v, UpperBound) for v in values) else Percent)(sum(values) / len(values))
+    average.low_precision = any(getattr(v, "low_precision", False) for v in values)
+    return average
 
 
 def table(rows: list[tuple[str, EvaluationResults]], eps_average: str | None = None
@@ -144,7 +153,9 @@ def table(rows: list[tuple[str, EvaluationResults]], eps_average: str | None = N
     def accuracy(entry: SettingResult | None):
         if entry is None:
             return None
-        return (UpperBound if entry.single_draw_gradient else float)(100 * entry.accuracy)
+        value = (UpperBound if entry.single_draw_gradient else Percent)(100 * entry.accuracy)
+        value.low_precision = entry.setting.get("precision", "32") != "32"
+        return value
 
     header, getters = ["experiment", "clean"], []
     for name in names:
@@ -172,7 +183,9 @@ def _cell(value, mark: bool = False) -> str:
         return value.text(mark)
     if isinstance(value, Size):
         return f"{value:.4g}"
-    return f"{value:.2f}" + (NO_EOT_MARK if mark and isinstance(value, UpperBound) else "")
+    marks = (NO_EOT_MARK if isinstance(value, UpperBound) else "") + \
+        (LOW_PRECISION_MARK if getattr(value, "low_precision", False) else "")
+    return f"{value:.2f}" + (marks if mark else "")
 
 
 def markdown(header: list[str], body: list[list]) -> str:
@@ -249,6 +262,9 @@ def main(argv=None) -> None:
     if any(isinstance(v, UpperBound) or getattr(v, "upper_bound", False) for row in body for v in row):
         print(f"{NO_EOT_MARK} randomized network attacked with single-draw gradients (no EOT): an upper bound on "
               "robust accuracy")
+    if any(getattr(v, "low_precision", False) for row in body for v in row):
+        print(f"{LOW_PRECISION_MARK} evaluated in bf16 (evaluation.precision), not float32: not comparable with "
+              "float32 numbers")
     if len(sizes) > 1:
         print(f"note: the runs were evaluated on different numbers of examples ({sorted(sizes)})", file=sys.stderr)
     if args.markdown:

@@ -28,6 +28,7 @@ from advtrain.evaluation.landscape import (
     loss_surface,
     plot_surface,
 )
+from advtrain.evaluation.precision import evaluation_precision
 from advtrain.networks.randomness import declares_randomness, randomness_at, randomness_off
 
 __all__ = ["LossLandscape", "landscape_directions", "loss_surface", "plot_surface"]
@@ -222,7 +223,7 @@ class LossLandscape(pl.Callback):
         axis = torch.linspace(-self.span, self.span, self.grid, dtype=torch.float64)
         latent_axis = torch.linspace(-self.latent_span, self.latent_span, self.grid, dtype=torch.float64)
         entries, setting = [], None
-        with torch.inference_mode(False), trainer.precision_plugin.forward_context():
+        with torch.inference_mode(False), evaluation_precision(pl_module.device):
             x, y = self._inputs(trainer, pl_module)
             if adversarial:
                 setting, x_adv, z_adv, adv_prediction = self._adversarial(trainer, pl_module, network, x, y, latent)

@@ -27,6 +27,7 @@ from advtrain.evaluation.latent_tsne import (
     prediction_entropy,
     select_points,
 )
+from advtrain.evaluation.precision import evaluation_precision
 
 __all__ = ["LatentTSNE"]
 
@@ -150,7 +151,7 @@ class LatentTSNE(pl.Callback):
         device = pl_module.device
         size = self.batch_size
         # seeded and forked: the randomness probe and the EOT draws are reproducible, the global RNG untouched
-        with torch.inference_mode(False), _seeded(device, self.seed), trainer.precision_plugin.forward_context():
+        with torch.inference_mode(False), _seeded(device, self.seed), evaluation_precision(pl_module.device):
             batch = trainer.strategy.batch_to_device(default_collate([dataset[i] for i in indices]), device)
             preprocess = getattr(datamodule, "preprocess", None)
             x, y = preprocess(batch, train=False) if preprocess is not None else batch

@@ -39,6 +39,7 @@ from advtrain.evaluation import (
     write_results,
 )
 from advtrain.evaluation.engine import metric_keys
+from advtrain.evaluation.precision import check_precision, evaluation_precision
 from advtrain.networks.randomness import declares_randomness
 
 from .requeue import Requeue, stop_requested
@@ -84,12 +85,16 @@ class RobustnessEvaluation(pl.Callback):
             stronger than the white-box one.
         resume: reuse the saved batches of an interrupted evaluation.
         filename: stem of the JSON and markdown files (the checkpoint's name is appended).
+        precision: ``32`` (float32, whatever precision training used: as the papers and the official AutoAttack
+            evaluate) or ``bf16-mixed`` (bf16 autocast: faster on a GPU, but coarser gradients and logits make
+            attacks weaker and numbers not comparable with float32 ones; recorded in the results and marked by
+            ``advtrain report``).
     """
 
     def __init__(self, attacks: list[dict] | None = None, split: str = "test", after_fit: bool = False,
                  batch_size: int | None = None, limit: int | None = None, seed: int = 0, draws: int = 10,
                  sanity_checks: bool = True, surrogates: list[str] | None = None, resume: bool = True,
-                 filename: str = "robustness"):
+                 filename: str = "robustness", precision: str = "32"):
         self.attacks = [_setting(a) for a in (attacks or [])]
         self.settings = [single for setting in self.attacks for single in setting.expand()]
         if split not in ("test", "val"):
@@ -103,6 +108,7 @@ class RobustnessEvaluation(pl.Callback):
         self.split, self.after_fit, self.batch_size = split, after_fit, batch_size
         self.limit, self.seed, self.draws, self.filename = limit, seed, draws, filename
         self.sanity_checks, self.resume, self.surrogates = sanity_checks, resume, list(surrogates or [])
+        self.precision = check_precision(precision)
         self.bounds = (0.0, 1.0)  # the datamodule's input range, read when the evaluation runs
         self.sanity_settings = self._sanity_settings()
         self.results: EvaluationResults | None = None
@@ -167,7 +173,7 @@ class RobustnessEvaluation(pl.Callback):
         self.sanity_settings = self._sanity_settings()
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(pl_module.network), \
-                trainer.precision_plugin.forward_context():
+                evaluation_precision(pl_module.device, self.precision):
             plan = self._plan(trainer, pl_module, dataset, out_dir)
             self._attack(trainer, pl_module, dataset, plan)
             tally = Tally(len(dataset), len(plan.runs), plan.draws, metric_keys(plan.runs))
@@ -175,7 +181,8 @@ class RobustnessEvaluation(pl.Callback):
                 tally.add(plan.batches[batch_idx], plan.cache.load(batch_idx))
         device = pl_module.device
         tally.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
-        self.results = self._identified(summarize(plan.runs, tally, plan.randomized, self.sanity_checks),
+        self.results = self._identified(summarize(plan.runs, tally, plan.randomized, self.sanity_checks,
+                                                  self.precision),
                                         trainer, pl_module, plan)
         self._report(trainer, out_dir, Path(self.results.checkpoint).stem if self.results.checkpoint else None)
         trainer.strategy.barrier()
@@ -200,7 +207,7 @@ class RobustnessEvaluation(pl.Callback):
         digest = model_hash(network)
         cache = BatchCache(out_dir / f"{self.filename}_batches",
                            fingerprint(self.settings + self.sanity_settings, self.surrogates, self.seed,
-                                       self.split, n, batch_size, draws, digest))
+                                       self.split, n, batch_size, draws, digest, self.precision))
         return _Plan(batches, runs, randomized, draws, digest, cache,
                      own_batches(len(batches), trainer.global_rank, trainer.world_size))
 

@@ -137,11 +137,12 @@ def own_batches(n_batches: int, rank: int, world: int) -> list[int]:
 
 
 def fingerprint(settings: list[AttackSetting], surrogates: list[str], seed: int, split: str, n: int,
-                batch_size: int, draws: int, model: str) -> str:
-    """What the saved batches depend on: a rerun with anything else changed starts afresh."""
+                batch_size: int, draws: int, model: str, precision: str = "32") -> str:
+    """What the saved batches depend on: a rerun with anything else changed starts afresh (a bf16 evaluation is
+    never completed by a float32 one; float32 keeps the fingerprints it had before precision was an option)."""
     key = json.dumps({"settings": [s.as_dict() for s in settings], "surrogates": surrogates, "seed": seed,
-                      "split": split, "n": n, "batch_size": batch_size, "draws": draws, "model": model},
-                     sort_keys=True)
+                      "split": split, "n": n, "batch_size": batch_size, "draws": draws, "model": model,
+                      **({"precision": precision} if precision != "32" else {})}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

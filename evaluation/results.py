@@ -150,6 +150,7 @@ class EvaluationResults:
     randomized: bool
     draws: int
     clean: Accuracy
+    precision: str = "32"
     attacks: list[SettingResult] = field(default_factory=list)
     transfer: list[SettingResult] = field(default_factory=list)
     sanity_runs: list[SettingResult] = field(default_factory=list)
@@ -179,7 +180,8 @@ class EvaluationResults:
 
     def to_dict(self) -> dict:
         out = {"split": self.split, "n": self.n, "seed": self.seed, "randomized": self.randomized,
-               "draws": self.draws, "clean": self.clean.to_dict(), "attacks": [a.to_dict() for a in self.attacks],
+               "draws": self.draws, "precision": self.precision, "clean": self.clean.to_dict(),
+               "attacks": [a.to_dict() for a in self.attacks],
                "transfer": [t.to_dict() for t in self.transfer],
                "sanity": {"runs": [r.to_dict() for r in self.sanity_runs],
                           "verdicts": [v.to_dict() for v in self.verdicts]},
@@ -194,7 +196,7 @@ class EvaluationResults:
     def from_dict(cls, d: dict, path: Path | None = None) -> EvaluationResults:
         sanity = d.get("sanity") or {}
         return cls(n=int(d.get("n", 0)), randomized=bool(d.get("randomized", False)), draws=int(d.get("draws", 1)),
-                   clean=Accuracy.from_dict(d["clean"]),
+                   clean=Accuracy.from_dict(d["clean"]), precision=str(d.get("precision", "32")),
                    attacks=[SettingResult.from_dict(a) for a in d["attacks"]],
                    transfer=[SettingResult.from_dict(t, "transfer") for t in d.get("transfer", [])],
                    sanity_runs=[SettingResult.from_dict(r, "sanity") for r in sanity.get("runs", [])],

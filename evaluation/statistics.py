@@ -12,9 +12,9 @@ from .results import Accuracy, EvaluationResults, SettingResult
 from .sanity import sanity_verdicts
 
 
-def setting_result(run: Run, index: int, tally: Tally, randomized: bool) -> SettingResult:
+def setting_result(run: Run, index: int, tally: Tally, randomized: bool, precision: str = "32") -> SettingResult:
     """Run ``index``'s accuracy, cost and metrics; a transfer run's setting names its source."""
-    setting = run.setting.as_dict()
+    setting = {**run.setting.as_dict(), "precision": precision}
     setting.pop("metrics", None)  # the names of its metrics: their values follow
     if run.transfer is not None:
         setting["surrogate"] = run.transfer.source
@@ -35,11 +35,12 @@ def randomized_note(draws: int, attacks: list[SettingResult]) -> str:
                         " Every attack averaged its gradients over draws (EOT)."))
 
 
-def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bool) -> EvaluationResults:
+def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bool,
+              precision: str = "32") -> EvaluationResults:
     """The results' measured part: clean accuracy, every run by its role, the sanity verdicts and the per-example
     outcomes (and a note for a randomized network). The caller adds what identifies the run."""
     draws = tally.draws
-    entries = [setting_result(run, i, tally, randomized) for i, run in enumerate(runs)]
+    entries = [setting_result(run, i, tally, randomized, precision) for i, run in enumerate(runs)]
     by_role = {role: [e for e in entries if e.role == role] for role in ("suite", "transfer", "sanity")}
     attacks, transfer, sanity_runs = by_role["suite"], by_role["transfer"], by_role["sanity"]
     for t, run in zip(transfer, [r for r in runs if r.role == "transfer"], strict=True):
@@ -56,7 +57,8 @@ def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bo
     per_example_metrics = {entries[i].name: {m: tally.metrics[i, m].tolist() for m in runs[i].setting.spec.metrics}
                            for i in suite_index if runs[i].setting.spec.metrics}
     return EvaluationResults(
-        n=tally.n, randomized=randomized, draws=draws, clean=clean, attacks=attacks, transfer=transfer,
+        n=tally.n, randomized=randomized, draws=draws, precision=precision, clean=clean, attacks=attacks,
+        transfer=transfer,
         sanity_runs=sanity_runs, verdicts=verdicts,
         per_example={"clean": tally.clean.tolist(), **{entries[i].name: tally.robust[i].tolist() for i in suite_index}},
         per_example_metrics=per_example_metrics or None,

@@ -34,7 +34,9 @@ def markdown_table(results: EvaluationResults) -> str:
     for a in rows:
         lines.append(f"| {a.name}{' (no EOT)' if a.single_draw_gradient else ''} | {_cell(a.score, randomized)} | "
                      f"{a.score.correct} / {a.score.n} |" + (f" {metrics_text(a)} |" if sizes else ""))
-    return "\n".join(lines) + (f"\n\n{results.note}" if results.note is not None else "")
+    precision = ("Every setting ran in float32." if results.precision == "32" else
+                 f"Every setting ran in {results.precision} (not float32): attacks may be weaker than in float32.")
+    return "\n".join(lines) + f"\n\n{precision}" + (f"\n\n{results.note}" if results.note is not None else "")
 
 
 def sanity_text(results: EvaluationResults) -> str:

@@ -168,6 +168,19 @@ def test_single_draw_attacks_on_randomized_runs_are_marked_in_markdown_only(tmp_
         assert list(csv.reader(f))[1][2:] == ["50.00", "40.00"]
 
 
+def test_cells_not_evaluated_in_float32_are_marked(tmp_path, capsys):
+    data = result("test", 0.9, [("pgd-10 eps=8/255", 0.5), ("fgsm eps=8/255", 0.6)], 100)
+    data["precision"] = "bf16-mixed"
+    for entry in data["attacks"]:
+        entry["precision"] = "bf16-mixed"
+    data["attacks"][1]["precision"] = "32"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "robustness.json").write_text(json.dumps(data))
+    report.main([str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "50.00ᵇ |" in out and "60.00 |" in out and "ᵇ evaluated in bf16" in out
+
+
 def test_one_checkpoint_evaluated_with_two_suites_gives_two_named_rows(tmp_path):
     run = tmp_path / "runs" / "demo" / "standard" / "version_0"
     run.mkdir(parents=True)

@@ -328,6 +328,7 @@ def test_flip_only_and_no_augmentation():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_preprocess_on_gpu_does_not_sync():
     dm = ArrayDataModule(crop_padding=4, flip=True)
     x = _random_images(n=256, h=32, w=32).cuda()

@@ -57,9 +57,10 @@ def evaluate(tmp_path, state, data=None, **kwargs):
     network = Net(**net_kwargs)
     network.load_state_dict(state)
     model = Standard(network=network, eps=0.1)
+    trainer_precision = kwargs.pop("trainer_precision", "32-true")
     evaluation = RobustnessEvaluation(attacks=kwargs.pop("attacks", SUITE), **kwargs)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
-                         default_root_dir=tmp_path, callbacks=[evaluation])
+                         default_root_dir=tmp_path, callbacks=[evaluation], precision=trainer_precision)
     trainer.test(model, datamodule=data or Digits(), verbose=False)
     return evaluation
 
@@ -101,6 +102,49 @@ def test_randomized_model_is_detected_and_judged_over_draws(tmp_path, trained_ne
     assert results["clean"]["accuracy_std"] > 0  # the draws really differ
     # a deterministic model is not treated as randomized
     assert not evaluate(tmp_path, trained_net, limit=120).results.to_dict()["randomized"]
+
+
+class DtypeRecorder(Net):
+    """Records the dtype of the logits whenever an attack takes a gradient through the network."""
+
+    seen: set = set()
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if torch.is_grad_enabled():
+            DtypeRecorder.seen.add(logits.dtype)
+        return logits
+
+
+def test_evaluation_runs_in_float32_whatever_the_trainer_precision_and_bf16_only_on_request(tmp_path, trained_net):
+    float32 = evaluate(tmp_path / "fp32", trained_net, limit=100).results
+    under_bf16 = evaluate(tmp_path / "bf16", trained_net, limit=100, trainer_precision="bf16-mixed").results
+    assert under_bf16.per_example == float32.per_example and under_bf16.precision == "32"
+    assert [a.setting["precision"] for a in under_bf16.attacks] == ["32"] * len(under_bf16.attacks)
+    assert "ran in float32" in under_bf16.path.with_suffix(".md").read_text()
+
+    network = DtypeRecorder()
+    network.load_state_dict(trained_net)
+    for precision, expected in (("32", {torch.float32}), ("bf16-mixed", {torch.bfloat16})):
+        DtypeRecorder.seen = set()
+        evaluation = RobustnessEvaluation(attacks=SUITE[1:], limit=50, precision=precision, sanity_checks=False)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                             default_root_dir=tmp_path / precision, callbacks=[evaluation], precision="bf16-mixed")
+        trainer.test(Standard(network=network, eps=0.1), datamodule=Digits(), verbose=False)
+        assert DtypeRecorder.seen == expected, precision
+        assert evaluation.results.precision == precision
+    assert "not float32" in evaluation.results.path.with_suffix(".md").read_text()
+
+
+def test_the_precision_is_part_of_the_cache_fingerprint():
+    from advtrain.attacks import AttackSetting
+    from advtrain.evaluation import fingerprint
+
+    settings = AttackSetting("pgd", eps=0.1).expand()
+    keys = {precision: fingerprint(settings, [], 0, "test", 100, 50, 1, "abc", precision)
+            for precision in ("32", "bf16-mixed")}
+    assert keys["32"] != keys["bf16-mixed"]
+    assert keys["32"] == fingerprint(settings, [], 0, "test", 100, 50, 1, "abc")  # float32: as before the option
 
 
 def test_draws_below_two_are_rejected():

@@ -160,12 +160,28 @@ def test_a_training_step_never_syncs_with_the_host(name, window, svd_exempted):
         assert svd_exempted.count(ERROR) >= 3, svd_exempted
 
 
-def test_pgd_under_bf16_autocast_on_gpu_keeps_float32_iterates():
+def test_pgd_under_bf16_autocast_on_gpu_keeps_float32_iterates(monkeypatch):
+    """Under autocast the network's logits are bf16; the iterates the attack keeps must stay float32 (a bf16
+    iterate would round the perturbation to bf16's 8 bits and could leave the eps ball)."""
+    from advtrain.attacks import core
+
     net = ResNet18().cuda().eval().to(memory_format=torch.channels_last)
     x = torch.rand(16, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,), device="cuda")
+    iterates, project = [], core.project
+
+    def recording(x_adv, *args, **kwargs):
+        iterates.append(x_adv.dtype)
+        return project(x_adv, *args, **kwargs)
+
+    monkeypatch.setattr(core, "project", recording)
+    logits = []
+    handle = net.register_forward_hook(lambda module, args, out: logits.append(out.dtype))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x_adv = pgd(net, x, y, 8 / 255, steps=5)
+    handle.remove()
+    assert torch.bfloat16 in logits  # the network really ran in bf16
+    assert iterates and set(iterates) == {torch.float32}, iterates
     assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import random_crop_flip, to_unit_float
 from .errors import DatasetError, DatasetNotFoundError, DatasetValueError, guarded_download
 from .resume import ResumableTraining
+from .splits import check_val_split, holdout
 
 __all__ = ["ArrayDataModule", "DatasetError", "DatasetNotFoundError", "DatasetValueError", "SplitDataModule",
            "TensorPairDataset", "collate_batch", "guarded_download", "to_unit_float"]
@@ -124,8 +125,8 @@ class ArrayDataModule(SplitDataModule):
       :class:`DatasetNotFoundError` here, before any training starts.
     * ``prepare_data`` (once per node, rank 0): downloads when ``download`` is true.
     * ``setup(stage)`` (every rank): loads the training split for ``fit``/``validate`` and holds out
-      ``val_size`` examples as the validation split, chosen by a permutation seeded with ``split_seed``
-      (the same on every rank); loads the test split for ``test``/``predict``; ``None`` loads both.
+      ``val_size`` examples as the validation split, chosen as ``val_split`` says (the same on every rank);
+      loads the test split for ``test``/``predict``; ``None`` loads both.
     * ``on_after_batch_transfer`` (on the device): :meth:`preprocess` scales to [0, 1] and, while the
       trainer is training, applies random crop and flip as batched tensor ops.
 
@@ -145,6 +146,8 @@ class ArrayDataModule(SplitDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation/test batch size per device; defaults to ``batch_size``.
         val_size: number of training examples held out for validation (0: no validation).
+        val_split: ``random`` (a permutation seeded with ``split_seed``) or ``first_per_class`` (the first
+            ``val_size / num_classes`` examples of each class, as the official NuAT scripts hold out).
         split_seed: seed of the train/validation permutation.
         num_workers: dataloader worker processes (0: load in the main process; slicing in-memory
             tensors is cheap, so workers rarely help).
@@ -176,6 +179,7 @@ class ArrayDataModule(SplitDataModule):
         pin_memory: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
+        val_split: str = "random",
     ) -> None:
         super().__init__()
         check_loader_args(batch_size, eval_batch_size, split_seed, num_workers)
@@ -188,6 +192,7 @@ class ArrayDataModule(SplitDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.val_size = val_size
+        self.val_split = check_val_split(val_split, val_size, self.num_classes)
         self.split_seed = split_seed
         self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)
@@ -224,10 +229,7 @@ class ArrayDataModule(SplitDataModule):
                     f"data.val_size={self.val_size} must be smaller than the {len(y)} training examples of "
                     f"{self.name}; lower data.val_size (--data.val_size)."
                 )
-            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-            # Sorted indices keep the files' order inside each split (the train loader shuffles anyway).
-            val_idx = perm[: self.val_size].sort().values
-            train_idx = perm[self.val_size:].sort().values
+            train_idx, val_idx = holdout(y, self.val_size, self.val_split, self.split_seed, self.num_classes, self.name)
             self.train_set = TensorPairDataset(x[train_idx], y[train_idx])
             self.val_set = TensorPairDataset(x[val_idx], y[val_idx])
         if stage in (None, "test", "predict") and self.test_set is None:

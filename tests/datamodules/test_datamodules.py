@@ -15,6 +15,7 @@ from advtrain.datamodules import (
     MNIST,
     ArrayDataModule,
     DatasetNotFoundError,
+    DatasetValueError,
     Digits,
     TensorPairDataset,
 )
@@ -411,3 +412,35 @@ def test_trainer_skips_validation_when_val_size_is_zero():
     rec = _Recorder()
     _fit(Digits(val_size=0), rec, num_sanity_val_steps=2)  # the sanity check is skipped too
     assert len(rec.train) == 3 and rec.val == []
+
+
+# ------------------------------------------------------------------------------------------ held-out split
+def test_first_per_class_holds_out_the_first_images_of_each_class_in_file_order(cifar10_root):
+    """The official NuAT scripts walk the training set in order and hold out each class's first 100 images."""
+    root, _ = cifar10_root
+    dm = CIFAR10(root=str(root), val_size=10, val_split="first_per_class")
+    dm.setup("fit")
+    x, y = dm.load_split(train=True)  # the files' order
+    expected = [next(i for i in range(len(y)) if y[i] == c) for c in range(10) if (y == c).any()]
+    assert len(expected) == 10, "the fixture has every class"
+    expected = sorted(expected)
+    assert torch.equal(dm.val_set.y, y[expected]) and torch.equal(dm.val_set.x, x[expected])
+    rest = [i for i in range(len(y)) if i not in expected]
+    assert torch.equal(dm.train_set.y, y[rest]) and len(dm.train_set) + len(dm.val_set) == len(y)
+    random = CIFAR10(root=str(root), val_size=10)
+    random.setup("fit")
+    assert not torch.equal(random.val_set.y, dm.val_set.y) or not torch.equal(random.val_set.x, dm.val_set.x)
+
+
+def test_first_per_class_refuses_a_size_that_is_not_a_multiple_or_too_large(cifar10_root):
+    root, _ = cifar10_root
+    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+        CIFAR10(root=str(root), val_size=15, val_split="first_per_class")
+    with pytest.raises(ValueError, match="val_split must be one of"):
+        CIFAR10(root=str(root), val_split="first")
+    _, y = Digits().load_split(train=True)  # classes of unequal sizes
+    per_class = int(torch.bincount(y, minlength=10).min()) + 1  # one more than the rarest class has
+    assert 10 * per_class < len(y)
+    too_many = Digits(val_size=10 * per_class, val_split="first_per_class")
+    with pytest.raises(DatasetValueError, match=f"fewer than the {per_class} training examples"):
+        too_many.setup("fit")

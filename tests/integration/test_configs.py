@@ -38,6 +38,43 @@ def test_trainer_presets_compose_with_an_experiment(preset, capsys):
     assert "class_path: advtrain.defenses.PGDAT" in printed  # the preset did not replace the experiment's model
 
 
+PRESET_SUITE = '[{"attack": "pgd", "eps": "8/255", "steps": 3}, {"attack": "autoattack", "eps": "8/255"}]'
+
+
+def run_gpu_preset(tmp_path, monkeypatch, *device) -> tuple:
+    """``configs/trainer/gpu.yaml`` as users run it (after the experiment config): fit the CIFAR-10 PGD-AT recipe on
+    fixture files, then test it with AutoAttack; ``device`` overrides what the machine lacks. Shared with
+    tests/integration/test_gpu.py, which runs it on CUDA in bf16."""
+    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    configs = ["-c", str(ROOT / "configs/cifar10/pgd_at.yaml"), "-c", str(ROOT / "configs/trainer/gpu.yaml")]
+    common = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *device,
+              "--data.init_args.val_size=8", "--data.init_args.batch_size=16"]
+    fit = AdvtrainCLI(args=["fit", *configs, "--trainer.max_epochs=1", "--model.init_args.attack.steps=2", *common])
+    assert fit.model.channels_last and fit.trainer.accelerator is not None
+    AdvtrainCLI(args=["test", *configs, "--ckpt_path", last_checkpoint(fit.trainer), "--evaluation.attacks",
+                      PRESET_SUITE, *common])
+    results = tmp_path / "runs" / "cifar10" / "pgd_at" / "version_0" / "robustness-last.json"
+    return fit, json.loads(results.read_text())
+
+
+def test_the_gpu_preset_fits_and_tests_with_autoattack_on_the_cpu(tmp_path, monkeypatch):
+    """make test's twin of make test-gpu's preset check: gpu.yaml's channels_last and cudnn benchmark as shipped,
+    on the CPU and in float32 (no CUDA, and no bf16 autocast that a CPU would emulate slowly), on a 3-channel
+    network small enough for AutoAttack on a CPU."""
+    # a small 3-channel CNN instead of the ResNet-18: AutoAttack's Square (5000 queries per surviving point) on a
+    # ResNet-18 takes minutes on a CPU
+    small = ["--model.init_args.network.class_path=advtrain.networks.CNN4C3F",
+             '--model.init_args.network.init_args={"width": 4, "in_channels": 3, "input_size": 32, "hidden": 16}']
+    fit, results = run_gpu_preset(tmp_path, monkeypatch, "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+                                  *small)
+    assert type(fit.model.network).__name__ == "CNN4C3F" and fit.trainer.precision == "32-true"
+    assert [a["name"] for a in results["attacks"]] == ["pgd-3 eps=8/255", "autoattack-standard eps=8/255"]
+    assert results["precision"] == "32" and results["n"] == 10
+    assert results["attacks"][1]["correct"] <= results["attacks"][0]["correct"] <= results["clean"]["correct"]
+
+
 def fit_and_test(cfg, *overrides):
     fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / cfg), "--trainer.max_epochs=1", *FAST, *overrides])
     last = last_checkpoint(fit.trainer)

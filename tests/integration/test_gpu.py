@@ -201,3 +201,15 @@ def test_the_random_streams_of_the_current_gpu_are_saved_and_restored():
     older["cuda"] = [saved["cuda_device"]] * 64  # a checkpoint of before: every visible device of its node
     set_rng_states(older)
     assert torch.equal(torch.rand(1000, device="cuda"), first)
+
+
+def test_the_gpu_preset_fits_in_bf16_and_tests_with_autoattack_in_float32(tmp_path, monkeypatch):
+    """gpu.yaml as users run it: bf16-mixed training with channels_last and cudnn benchmark, then advtrain test with
+    AutoAttack (float32 by default, on channels_last inputs). Its CPU twin in make test: test_configs.py."""
+    from test_configs import run_gpu_preset
+
+    fit, results = run_gpu_preset(tmp_path, monkeypatch)
+    assert fit.trainer.precision == "bf16-mixed" and type(fit.model.network).__name__ == "ResNet18"
+    assert [a["name"] for a in results["attacks"]] == ["pgd-3 eps=8/255", "autoattack-standard eps=8/255"]
+    assert results["precision"] == "32" and results["n"] == 10
+    assert results["attacks"][1]["correct"] <= results["attacks"][0]["correct"] <= results["clean"]["correct"]

@@ -7,6 +7,7 @@ every batch. A scheduler built by hand can be given ``steps_per_epoch`` at once.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,12 +15,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, MultiplicativeLR, SequentialLR
 
 
-class PerBatchLR:
+class PerBatchLR(ABC):
     """A scheduler written in epochs and stepped every batch (Lightning interval "step"): ``configure_optimizers``
     calls :meth:`set_steps_per_epoch` before the first step."""
 
+    @abstractmethod
     def set_steps_per_epoch(self, steps_per_epoch: float) -> None:
-        raise NotImplementedError
+        """Convert the schedule's epochs into steps."""
 
 
 class PiecewiseLinearLR(PerBatchLR, LambdaLR):

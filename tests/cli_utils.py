@@ -63,13 +63,15 @@ def _request(request: dict, timeout: float | None = None) -> dict:
 
 
 class Forked:
-    """A command forked by the server, started without waiting (``subprocess.Popen``'s ``pid`` and ``wait``)."""
+    """A command forked by the server (``subprocess.Popen``'s ``pid`` and ``wait``): standard output and error go to
+    files (the same file for both, as ``stderr=STDOUT``); ``group`` as in ``forkserver.py``."""
 
-    def __init__(self, args: list[str], cwd, env: dict, output: Path, group: int | None = None):
-        self.args, self.output_path, self.returncode = args, output, None
+    def __init__(self, args: list[str], cwd, env: dict, stdout: Path, stderr: Path | None = None,
+                 group: int | None = None):
+        self.args, self.output_path, self.returncode = args, stdout, None
         with _lock:
-            self.pid = _request({"op": "start", "args": args, "cwd": str(cwd), "env": env, "stdout": str(output),
-                                 "stderr": str(output), "group": group}, 60)["pid"]
+            self.pid = _request({"op": "start", "args": args, "cwd": str(cwd), "env": env, "stdout": str(stdout),
+                                 "stderr": str(stderr or stdout), "group": group}, 60)["pid"]
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
@@ -82,15 +84,14 @@ class Forked:
 
 
 def _forked(args: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    with _lock, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        pid = _request({"op": "start", "args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
-                        "stderr": str(err)}, 60)["pid"]
+        command = Forked(args, cwd, env, out, err)
         try:
-            code = _request({"op": "wait", "pid": pid}, timeout)["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired(["advtrain", *args], timeout) from None
+            code = command.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(command.pid, signal.SIGKILL)
+            raise
         return subprocess.CompletedProcess(["advtrain", *args], code, out.read_text(), err.read_text())
 
 

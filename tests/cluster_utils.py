@@ -70,7 +70,7 @@ def start_tasks(args: list, envs: list[dict], cwd: Path) -> list:
         group = procs[0].pid if procs else 0  # one new process group: the job
         output = Path(tempfile.mkdtemp()) / "output"
         if forking():
-            procs.append(Forked([str(a) for a in args], cwd, full, output, group))
+            procs.append(Forked([str(a) for a in args], cwd, full, output, group=group))
             continue
         with open(output, "w") as out:
             proc = subprocess.Popen([*ADVTRAIN, *map(str, args)], cwd=cwd, env=full, stdout=out,

@@ -2,7 +2,7 @@
 
 Plain functions (no pytest fixtures) so any test can import them::
 
-    from fixtures_data import write_mnist, write_cifar10, patch_cifar10_checksums
+    from fixtures_data import cifar10_files, patch_cifar10_checksums, write_cifar10, write_mnist
 
 Every image has a known pattern, so a test can check that a given image and label come out right:
 
@@ -154,6 +154,13 @@ def patch_cifar10_checksums(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(cls, "train_list", [[name, _md5(folder / name)] for name in CIFAR10_TRAIN_FILES])
     monkeypatch.setattr(cls, "test_list", [["test_batch", _md5(folder / "test_batch")]])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
+
+
+def cifar10_files(root: Path, monkeypatch, n_per_batch: int = 10, n_test: int = 10) -> dict[str, np.ndarray]:
+    """:func:`write_cifar10` into ``root``, with torchvision's md5 sums patched to accept the files."""
+    expected = write_cifar10(root, n_per_batch=n_per_batch, n_test=n_test)
+    patch_cifar10_checksums(monkeypatch, root)
+    return expected
 
 
 # -------------------------------------------------------------------------------------- Speech Commands

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_data import mnist_images, patch_cifar10_checksums, write_cifar10, write_mnist
+from fixtures_data import cifar10_files, mnist_images, write_mnist
 
 from advtrain.datamodules import (
     CIFAR10,
@@ -29,8 +29,7 @@ def mnist_root(tmp_path):
 
 @pytest.fixture
 def cifar10_root(tmp_path, monkeypatch):
-    expected = write_cifar10(tmp_path, n_per_batch=10, n_test=10)
-    patch_cifar10_checksums(monkeypatch, tmp_path)
+    expected = cifar10_files(tmp_path, monkeypatch, n_per_batch=10, n_test=10)
     return tmp_path, expected
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_utils import ROOT, last_checkpoint
-from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
+from fixtures_data import cifar10_files, write_mnist
 
 from advtrain.cli import AdvtrainCLI
 
@@ -45,14 +45,13 @@ def run_gpu_preset(tmp_path, monkeypatch, *device) -> tuple:
     """``configs/trainer/gpu.yaml`` as users run it (after the experiment config): fit the CIFAR-10 PGD-AT recipe on
     fixture files, then test it with AutoAttack; ``device`` overrides what the machine lacks. Shared with
     tests/integration/test_gpu.py, which runs it on CUDA in bf16."""
-    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=8, n_test=10)
     monkeypatch.chdir(tmp_path)
     configs = ["-c", str(ROOT / "configs/cifar10/pgd_at.yaml"), "-c", str(ROOT / "configs/trainer/gpu.yaml")]
     common = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *device,
               "--data.init_args.val_size=8", "--data.init_args.batch_size=16"]
     fit = AdvtrainCLI(args=["fit", *configs, "--trainer.max_epochs=1", "--model.init_args.attack.steps=2", *common])
-    assert fit.model.channels_last and fit.trainer.accelerator is not None
+    assert fit.model.channels_last
     AdvtrainCLI(args=["test", *configs, "--ckpt_path", last_checkpoint(fit.trainer), "--evaluation.attacks",
                       PRESET_SUITE, *common])
     results = tmp_path / "runs" / "cifar10" / "pgd_at" / "version_0" / "robustness-last.json"
@@ -85,8 +84,7 @@ def fit_and_test(cfg, *overrides):
 
 
 def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
-    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=8, n_test=10)
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test("configs/cifar10/pgd_at.yaml", "--data.init_args.val_size=8",
                                 "--data.init_args.batch_size=16", "--model.init_args.attack.steps=2")
@@ -97,8 +95,7 @@ def test_cifar10_pgd_at_recipe_runs_on_fixture_files(tmp_path, monkeypatch):
 
 
 def test_cifar10_fgsm_rs_recipe_steps_its_cyclic_lr_every_batch(tmp_path, monkeypatch):
-    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=8, n_test=10)
     monkeypatch.chdir(tmp_path)
     fit = AdvtrainCLI(args=["fit", "-c", str(ROOT / "configs/cifar10/fgsm_rs.yaml"), "--trainer.max_epochs=2",
                             "--data.init_args.val_size=8", "--data.init_args.batch_size=8", *FAST,
@@ -111,8 +108,7 @@ def test_cifar10_fgsm_rs_recipe_steps_its_cyclic_lr_every_batch(tmp_path, monkey
 
 
 def test_cifar10_trades_recipe_runs_with_a_small_wide_resnet(tmp_path, monkeypatch):
-    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=8, n_test=10)
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test("configs/cifar10/trades.yaml", "--data.init_args.val_size=8",
                                 "--data.init_args.batch_size=16", "--model.init_args.attack.steps=2",
@@ -175,8 +171,7 @@ def test_adr_recipes_run_on_fixture_files_and_draw_the_supplementary_figures(cfg
     if cfg.startswith("mnist"):
         write_mnist(tmp_path / "data", n_train=60, n_test=12)
     else:
-        write_cifar10(tmp_path / "data", n_per_batch=12, n_test=12)
-        patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+        cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=12, n_test=12)
     monkeypatch.chdir(tmp_path)
     fit, results = fit_and_test(f"configs/{cfg}.yaml", "--data.init_args.val_size=10", "--data.init_args.batch_size=25",
                                 "--model.init_args.attack.steps=2", "--model.init_args.val_attack.steps=1")

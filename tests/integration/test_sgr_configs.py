@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_utils import ROOT, last_checkpoint
-from fixtures_data import patch_cifar10_checksums, write_cifar10, write_mnist
+from fixtures_data import cifar10_files, write_mnist
 
 from advtrain import report, transfer
 from advtrain.attacks import AttackSetting, attack_mode, pgd
@@ -45,8 +45,7 @@ def test_every_row_of_the_tables_builds_what_its_header_says(dataset, tmp_path, 
     if dataset == "mnist":  # the datamodules check their files when built: small ones in the real formats
         write_mnist(tmp_path / "data", n_train=20, n_test=10)
     else:
-        write_cifar10(tmp_path / "data", n_per_batch=4, n_test=10)
-        patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+        cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=4, n_test=10)
     monkeypatch.chdir(tmp_path)
     suites = {}
     for row in ROWS:
@@ -110,8 +109,7 @@ def test_sgr_rows_train_and_test_on_fixture_files(config, tmp_path, monkeypatch)
     if config.startswith("mnist"):
         write_mnist(tmp_path / "data", n_train=60, n_test=10)
     else:
-        write_cifar10(tmp_path / "data", n_per_batch=12, n_test=10)
-        patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+        cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=12, n_test=10)
     monkeypatch.chdir(tmp_path)
     common = ["--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
               "--data.init_args.val_size=10", "--data.init_args.batch_size=25", "--model.init_args.val_attack.steps=1",

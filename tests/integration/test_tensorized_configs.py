@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from cli_utils import ROOT, last_checkpoint
-from fixtures_data import patch_cifar10_checksums, write_cifar10, write_speech_commands
+from fixtures_data import cifar10_files, write_speech_commands
 
 from advtrain.cli import AdvtrainCLI
 from advtrain.networks import CIFAR10_MEAN, CIFAR10_STD, ResNet18, Tensorized, TuckerConv, randomness_off
@@ -31,8 +31,7 @@ def evaluate(cfg, ckpt, suite, *overrides):
 
 
 def cifar(tmp_path, monkeypatch):
-    write_cifar10(tmp_path / "data", n_per_batch=8, n_test=6)
-    patch_cifar10_checksums(monkeypatch, tmp_path / "data")
+    cifar10_files(tmp_path / "data", monkeypatch, n_per_batch=8, n_test=6)
     monkeypatch.chdir(tmp_path)
     # ResNet-18 at width 8 (the recipes' architecture, 1/8 of the channels) keeps these tests to seconds
     return ["--data.init_args.val_size=8", "--data.init_args.batch_size=16"]

@@ -69,8 +69,7 @@ FIGURES = [
     ("adr_cost", "adr_vs_pgd_at", "ADR step / PGD-AT step, same PGD-10 (C&W CIFAR CNN)"),
     ("sgr_cost", "gn_vs_clean", "GN step / clean step (C&W CIFAR CNN)"),
     ("sgr_cost", "sgr_stationary_vs_clean", "SGR step, stationary Sigma, tracker source `gradient` every step / clean"),
-    ("sgr_cost", "sgr_stationary_step_gradient_vs_clean",
-     "the same, tracker source `step_gradient` (SGR's own g) every step / clean"),
+    ("sgr_cost", "sgr_stationary_step_gradient_vs_clean", "the same, source `step_gradient` every step / clean"),
     ("sgr_cost", "sgr_stationary_every10_vs_clean", "the same, source `gradient` every 10 steps (derived) / clean"),
     ("sgr_cost", "sgr_stationary_frozen_vs_clean", "SGR step, stationary Sigma frozen / clean"),
     ("sgr_cost", "sgr_stationary_fgsm_vs_clean", "SGR step, tracker source `fgsm` every step / clean"),
@@ -79,6 +78,7 @@ FIGURES = [
     ("covariance_cost", "update_stationary_vs_clean", "covariance tracker update alone (stationary) / clean step"),
     ("covariance_cost", "update_full_vs_clean", "covariance tracker update alone (full d x d) / clean step"),
     ("covariance_cost", "matvec_conv_vs_fft", "stationary Sigma g by conv2d / by FFT (time)"),
+    ("covariance_cost", "psd_projection_vs_clean", "stationary Sigma's PSD projection (once per update) / clean step"),
     ("sweep_cost", "sequential_vs_two_at_a_time", "`advtrain sweep`: cells one after another / two at a time"),
 ]
 
@@ -235,8 +235,8 @@ def sgr_cost_text(result: dict) -> str:
 def covariance_cost_text(result: dict) -> str:
     return paragraph(
         "`bench/covariance_cost.py` times the covariance tracker's update alone (batch moments by FFT, the EMA and "
-        "the rescaling) against a clean step of the C&W CIFAR CNN, and the stationary Sigma g by FFT against conv2d "
-        "with the (2H-1) x (2W-1) kernel.")
+        "the rescaling) against a clean step of the C&W CIFAR CNN, the stationary Sigma g by FFT against conv2d with "
+        "the (2H-1) x (2W-1) kernel, and the PSD projection each new stationary Sigma gets (`psd: project`).")
 
 
 def sweep_cost_text(result: dict) -> str:

@@ -24,6 +24,7 @@ import os
 import torch
 from torch import Tensor
 
+from .psd import check_psd_mode, project_dense_psd, relative_change
 from .sigma_base import Covariance, decay_lengths
 from .stationary import StationaryCovariance, position_radius
 
@@ -71,6 +72,11 @@ class FullCovariance(Covariance):
     def mean_diagonal(self) -> Tensor:
         return self.values.diagonal().mean()
 
+    def psd_change(self) -> Tensor:
+        """How far the projection of a matrix read from a file moved it (relative Frobenius norm; see
+        :func:`load_covariance`). The EMA of outer products xi xi^T needs none: it is positive semi-definite."""
+        return getattr(self, "_psd_change", self.values.new_zeros(()))
+
     def to_dense(self) -> Tensor:
         return self.values.clone()
 
@@ -102,19 +108,25 @@ class IdentityCovariance(Covariance):
         return functions * self.values
 
 
-def make_covariance(representation: str, shape: tuple[int, ...], **kwargs) -> Covariance:
-    """A new identity Sigma over inputs of ``shape`` in the named representation (``full`` or ``stationary``)."""
+def make_covariance(representation: str, shape: tuple[int, ...], psd: str = "project", **kwargs) -> Covariance:
+    """A new identity Sigma over inputs of ``shape`` in the named representation (``full`` or ``stationary``);
+    ``psd`` for the stationary one (a full Sigma estimated from outer products needs no projection)."""
+    check_psd_mode(psd, "make_covariance")
     if representation == "full":
         return FullCovariance(shape, **kwargs)
     if representation == "stationary":
-        return StationaryCovariance(shape, **kwargs)
+        return StationaryCovariance(shape, psd=psd, **kwargs)
     raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
 
 
-def load_covariance(path: str | os.PathLike, representation: str, shape: tuple[int, ...], **kwargs) -> Covariance:
+def load_covariance(path: str | os.PathLike, representation: str, shape: tuple[int, ...], psd: str = "project",
+                    **kwargs) -> Covariance:
     """A fixed Sigma from a torch file holding a (d, d) covariance over the flattened input, the format
     ``advtrain covariance`` and :func:`advtrain.attacks.covariance_of` write (e.g. the data set's own covariance).
-    ``stationary`` keeps its closest stationary covariance (:meth:`StationaryCovariance.from_dense`)."""
+    ``stationary`` keeps its closest stationary covariance (:meth:`StationaryCovariance.from_dense`). With
+    ``psd="project"`` a ``full`` matrix loses its negative eigenvalues here, once (a file may hold any symmetric
+    matrix), and a ``stationary`` one projects as every stationary Sigma does."""
+    check_psd_mode(psd, "load_covariance")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"covariance file {path!r} not found; write one with `advtrain covariance -c "
@@ -127,10 +139,13 @@ def load_covariance(path: str | os.PathLike, representation: str, shape: tuple[i
         got = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
         raise ValueError(f"{path!r} holds {got}, but inputs of shape {tuple(shape)} need a ({d}, {d}) covariance")
     if representation == "stationary":
-        return StationaryCovariance.from_dense(matrix.double(), shape, **kwargs)
+        return StationaryCovariance.from_dense(matrix.double(), shape, psd=psd, **kwargs)
     if representation == "full":
         dtype = kwargs.pop("dtype", torch.float32)
-        return FullCovariance(shape, matrix=matrix.to(dtype), dtype=dtype, **kwargs)
+        projected = project_dense_psd(matrix.double()) if psd == "project" else matrix.double()
+        sigma = FullCovariance(shape, matrix=projected.to(dtype), dtype=dtype, **kwargs)
+        sigma._psd_change = relative_change(matrix.double(), projected).to(dtype)
+        return sigma
     raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
 
 

@@ -107,6 +107,11 @@ class Covariance:
     def covariance_functions(self) -> Tensor:
         raise NotImplementedError
 
+    def psd_change(self) -> Tensor:
+        """How far keeping Sigma positive semi-definite moved it: ||projected - Sigma||_F / ||Sigma||_F (a
+        tensor; see :mod:`.psd`). 0 for representations that are positive semi-definite by construction."""
+        return self.values.new_zeros(())
+
     def decay_lengths(self) -> Tensor:
         """(C, C) decay lengths in pixels of :meth:`covariance_functions` (see :func:`decay_lengths`)."""
         return decay_lengths(self.covariance_functions())

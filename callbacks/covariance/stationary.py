@@ -19,6 +19,9 @@ because CovFun_{c,c'} = CovFun_{c',c} (the estimate pools the displacements d an
   ``conv2d``. At CIFAR shape on a CPU the FFT is much faster (bench/covariance_cost.py measures both: about 37
   MMAC per example for the convolution). Memory is O(C^2 H W) for the kernel; the d x d matrix is never built
   (only :meth:`to_dense`, for tests and small inputs, builds it).
+* Rounding the displacement can make this Sigma indefinite although the perturbations' covariance is not.
+  ``psd="project"`` (default) removes the negative part on the circulant embedding (:mod:`.psd`), so that Sigma g
+  multiplies by the projected Sigma; ``functions`` keep the estimate itself (the running state and its plots).
 
 Inputs (C, H, W), or (C, L) signals taken as H = 1.
 """
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .psd import check_psd_mode, project_circulant
 from .sigma_base import Covariance
 
 METHODS = ("fft", "conv")
@@ -63,15 +67,33 @@ def _radius_of_displacements(h: int, w: int) -> tuple[Tensor, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _pairs_per_bin(h: int, w: int) -> Tensor:
-    """(R,) float64: the number of ordered position pairs (p, q) at each rounded distance."""
-    radius, bins = _radius_of_displacements(h, w)
+def _embedding_radius(h: int, w: int) -> Tensor:
+    """(2H, 2W) int64: the radius bin of each displacement of the circular grid, the displacements +-H and +-W
+    outside the window included, clamped to the last bin."""
     dr = torch.arange(2 * h)
     dr = torch.where(dr < h, dr, dr - 2 * h)
     dc = torch.arange(2 * w)
     dc = torch.where(dc < w, dc, dc - 2 * w)
-    overlap = ((h - dr.abs()).clamp_min(0)[:, None] * (w - dc.abs()).clamp_min(0)[None, :]).double()
-    return torch.zeros(bins + 1, dtype=torch.float64).index_add_(0, radius.flatten(), overlap.flatten())[:bins]
+    radius = (dr[:, None] ** 2 + dc[None, :] ** 2).double().sqrt().round().long()
+    return radius.clamp_max(_radius_of_displacements(h, w)[1] - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _overlap(h: int, w: int) -> Tensor:
+    """(2H, 2W) float64: the number of ordered position pairs (p, q) at each displacement of the circular grid."""
+    dr = torch.arange(2 * h)
+    dr = torch.where(dr < h, dr, dr - 2 * h)
+    dc = torch.arange(2 * w)
+    dc = torch.where(dc < w, dc, dc - 2 * w)
+    return ((h - dr.abs()).clamp_min(0)[:, None] * (w - dc.abs()).clamp_min(0)[None, :]).double()
+
+
+@functools.lru_cache(maxsize=16)
+def _pairs_per_bin(h: int, w: int) -> Tensor:
+    """(R,) float64: the number of ordered position pairs (p, q) at each rounded distance."""
+    radius, bins = _radius_of_displacements(h, w)
+    pairs = torch.zeros(bins + 1, dtype=torch.float64)
+    return pairs.index_add_(0, radius.flatten(), _overlap(h, w).flatten())[:bins]
 
 
 def position_radius(h: int, w: int) -> Tensor:
@@ -104,12 +126,17 @@ class StationaryCovariance(Covariance):
         functions: (C, C, R) values, symmetric in (c, c').
         mean: the mean perturbation (input shape); zeros by default.
         method: ``fft`` or ``conv`` for :meth:`matvec`.
+        psd: ``project`` (default): :meth:`matvec` and :meth:`to_dense` use Sigma with the negative part of its
+            circulant embedding removed (:mod:`.psd`; nothing changes when there is none); ``none``: the binned
+            estimate as it is, which can be indefinite.
     """
 
     def __init__(self, shape: tuple[int, ...], functions: Tensor | None = None, mean: Tensor | None = None,
-                 method: str = "fft", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 method: str = "fft", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 psd: str = "project"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.psd = check_psd_mode(psd, "StationaryCovariance")
         c, h, w = image_shape(tuple(shape))
         bins = _radius_of_displacements(h, w)[1]
         if functions is None:
@@ -121,22 +148,55 @@ class StationaryCovariance(Covariance):
         super().__init__(shape, functions, mean)
         self.image = (c, h, w)
         self.method = method
-        self._spectrum: Tensor | None = None
-        self._kernel: Tensor | None = None
+        self._changed()  # no derived tensors yet: the spectrum, kernels and projection come on first use
 
     @property
     def functions(self) -> Tensor:
         return self.values
 
     def _changed(self) -> None:
-        self._spectrum = self._kernel = None
+        self._spectrum = self._kernel = self._used_grid = self._change = None
 
     def _grid_kernel(self) -> Tensor:
-        """(C, C, 2H, 2W): K at every displacement of the circular grid (0 at the unused +-H, +-W)."""
+        """(C, C, 2H, 2W): K at every displacement of the circular grid. Sigma g reads only the window's
+        displacements (|dr| < H, |dc| < W); the others, +-H and +-W, which no two positions have, get the
+        function at their rounded length (the last bin past it), which the PSD projection's embedding uses."""
         c, h, w = self.image
-        radius = self._cached("radius", lambda: _radius_of_displacements(h, w)[0])
-        padded = torch.cat([self.values, self.values.new_zeros(c, c, 1)], dim=-1)  # bin R: no pair, value 0
-        return padded[:, :, radius]
+        radius = self._cached("embedding_radius", lambda: _embedding_radius(h, w))
+        return self.values[:, :, radius]
+
+    def _projection(self) -> tuple[Tensor, Tensor]:
+        """The real (C, C, 2H, W + 1) spectrum and the (C, C, 2H, 2W) grid kernel of the Sigma that
+        :meth:`matvec` multiplies by (the kernel is even in the displacement, so its spectrum is real), projected
+        with ``psd="project"`` (:func:`.psd.project_circulant`: bitwise the raw kernel when its embedding is
+        positive semi-definite); cached until the values change."""
+        if self._spectrum is None:
+            c, h, w = self.image
+            grid = self._grid_kernel()
+            if self.psd == "project":
+                window = self._cached("window", lambda: _overlap(h, w) > 0)
+                projected = project_circulant(grid)
+                moved = torch.where(window, projected - grid.double(), 0.0)
+                change = self._window_norm(moved) / self._window_norm(grid.double()).clamp_min(1e-300)
+                self._change = change.to(grid.dtype)
+                grid = projected.to(grid.dtype)  # bitwise the raw kernel when nothing moved
+            else:
+                self._change = grid.new_zeros(())
+            self._spectrum, self._used_grid = torch.fft.rfft2(grid).real, grid
+        return self._spectrum, self._used_grid
+
+    def _window_norm(self, grid: Tensor) -> Tensor:
+        """The Frobenius norm of the d x d matrix that a grid kernel defines over the H x W window: each
+        displacement's C x C block appears once per ordered position pair at that displacement."""
+        c, h, w = self.image
+        overlap = self._cached("overlap", lambda: _overlap(h, w))
+        return (overlap * grid.square().sum((0, 1))).sum().sqrt()
+
+    def psd_change(self) -> Tensor:
+        """||projected Sigma - Sigma||_F / ||Sigma||_F over the window (a tensor; 0 with ``psd="none"`` or when
+        Sigma's circulant embedding is already positive semi-definite)."""
+        self._projection()
+        return self._change
 
     # ---- Sigma g ----------------------------------------------------------------------------------------
     def matvec(self, g: Tensor) -> Tensor:
@@ -147,15 +207,14 @@ class StationaryCovariance(Covariance):
         with torch.autocast(g.device.type, enabled=False):
             x = g.reshape(batch, c, h, w).to(self.values.dtype)
             if self.method == "fft":
-                if self._spectrum is None:
-                    self._spectrum = torch.fft.rfft2(self._grid_kernel())  # (C, C, 2H, W + 1)
+                kernel_spectrum = self._projection()[0]  # (C, C, 2H, W + 1)
                 spectrum = torch.fft.rfft2(x, s=(2 * h, 2 * w))
                 # sum over the input channel c': C^2 elementwise products per frequency, no d x d matrix
-                mixed = (self._spectrum.unsqueeze(0) * spectrum.unsqueeze(1)).sum(2)
+                mixed = (kernel_spectrum.unsqueeze(0) * spectrum.unsqueeze(1)).sum(2)
                 out = torch.fft.irfft2(mixed, s=(2 * h, 2 * w))[..., :h, :w]
             else:
                 if self._kernel is None:
-                    grid = self._grid_kernel()  # displacement -k sits at index 2H - k: roll it to the centre
+                    grid = self._projection()[1]  # displacement -k sits at index 2H - k: roll it to the centre
                     self._kernel = grid.roll((h - 1, w - 1), dims=(2, 3))[:, :, : 2 * h - 1, : 2 * w - 1].contiguous()
                 # conv2d correlates; K is even in the displacement, so correlation is the convolution
                 out = F.conv2d(x, self._kernel, padding=(h - 1, w - 1))
@@ -168,10 +227,14 @@ class StationaryCovariance(Covariance):
         return self.values
 
     def to_dense(self) -> Tensor:
-        """The (d, d) matrix (channel-major, row-major positions: ``x.flatten(1)``'s order). d^2 floats: for
-        tests and small inputs only."""
+        """The (d, d) matrix that :meth:`matvec` multiplies by (channel-major, row-major positions:
+        ``x.flatten(1)``'s order). d^2 floats: for tests and small inputs only."""
         c, h, w = self.image
-        dense = self.values[:, :, position_radius(h, w).to(self.device)]  # (C, C, P, P)
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()
+        # the displacement p - q on the circular grid: index k for k >= 0, 2H + k for k < 0
+        dr, dc = (rows[:, None] - rows[None, :]) % (2 * h), (cols[:, None] - cols[None, :]) % (2 * w)
+        dense = self._projection()[1][:, :, dr.to(self.device), dc.to(self.device)]  # (C, C, P, P)
         return dense.permute(0, 2, 1, 3).reshape(c * h * w, c * h * w)
 
     # ---- estimation --------------------------------------------------------------------------------------

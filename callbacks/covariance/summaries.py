@@ -4,7 +4,8 @@
   variance (the target of SGR's arXiv scaling), from the datamodule.
 * :func:`log_covariance`: the paper's Fig. 2 in TensorBoard: the covariance functions against displacement
   (intra-channel solid, inter-channel dashed), their decay lengths as scalars ``covariance/decay_length_<c><c'>``,
-  and for a full Sigma the matrix as an image. Off the hot path: it reads values back to the host.
+  and for a full Sigma the matrix as an image; ``covariance/psd_change``, how far keeping Sigma positive
+  semi-definite moved it (relative Frobenius norm). Off the hot path: it reads values back to the host.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def matrix_image(matrix: Tensor) -> Tensor:
 def log_covariance(trainer, sigma: Covariance, step: int) -> dict[str, float]:
     """Write Sigma's decay lengths (every logger) and, to each TensorBoardLogger, its covariance functions as a
     plot and, for a full Sigma, the matrix as an image. Returns the scalars written."""
-    scalars = {"covariance/mean_diagonal": float(sigma.mean_diagonal())}
+    scalars = {"covariance/mean_diagonal": float(sigma.mean_diagonal()),
+               "covariance/psd_change": float(sigma.psd_change())}
     try:
         functions = sigma.covariance_functions()
     except ValueError:  # a full Sigma over inputs that are neither images nor signals: no functions

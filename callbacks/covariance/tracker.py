@@ -9,16 +9,19 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from advtrain.attacks import AttackSetting, attack_mode, seeded_generator
 from advtrain.defenses import step_output
 
+from .psd import check_psd_mode
 from .sigma import REPRESENTATIONS, Covariance, load_covariance, make_covariance
 from .summaries import data_mean_variance, input_shape_of, log_covariance
 
 SOURCES = ("gradient", "sign", "defense", "step_gradient")  # and any training attack of the attack table
 SCALES = ("data", "unit", "none")
+LARGE_PSD_CHANGE = 0.1  # a relative change of Sigma by its PSD projection worth a warning
 
 
 class CovarianceTracker(pl.Callback):
@@ -77,13 +80,17 @@ class CovarianceTracker(pl.Callback):
         fixed_path: a torch file with a fixed (d, d) Sigma (``advtrain covariance`` writes the data set's own);
             ``stationary`` keeps its closest stationary covariance. No updates then.
         log_every_n_steps: training batches between TensorBoard logs (and at each epoch's end).
+        psd: ``project`` (default): SGR multiplies by Sigma with its negative part removed, so that its
+            regularizer is bounded below (``stationary`` Sigmas and ``fixed_path`` matrices can be indefinite;
+            :mod:`.psd`); how far that moved Sigma is logged as ``covariance/psd_change``. ``none``: the estimate
+            as it is.
     """
 
     DATA_EXAMPLES = 10_000
 
     def __init__(self, source: str | dict = "pgd", representation: str = "stationary", beta: float = 0.1,
                  scale: str = "data", update_every: int = 1, freeze_after_steps: int | None = None,
-                 fixed_path: str | None = None, log_every_n_steps: int = 50):
+                 fixed_path: str | None = None, log_every_n_steps: int = 50, psd: str = "project"):
         self.attack_entry = None if isinstance(source, str) and source in SOURCES else source
         if self.attack_entry is not None:
             try:  # checked now against the table (with a placeholder budget: the module's comes at setup)
@@ -104,6 +111,7 @@ class CovarianceTracker(pl.Callback):
         if freeze_after_steps is not None and (not isinstance(freeze_after_steps, int) or freeze_after_steps < 0):
             raise ValueError(f"CovarianceTracker freeze_after_steps must be an integer >= 0 or null, got "
                              f"{freeze_after_steps!r}")
+        self.psd = check_psd_mode(psd, "CovarianceTracker")
         self.source, self.representation, self.beta, self.scale = source, representation, beta, scale
         self.update_every, self.freeze_after_steps, self.fixed_path = update_every, freeze_after_steps, fixed_path
         self.attack: AttackSetting | None = None  # an attack source with the module's budget, from setup on
@@ -114,6 +122,7 @@ class CovarianceTracker(pl.Callback):
         self.batches = 0  # training batches seen
         self.updates = 0  # updates made
         self._pending: dict[str, Any] | None = None
+        self._warned = False  # about a large PSD projection, once per run
 
     @property
     def state_key(self) -> str:
@@ -127,9 +136,9 @@ class CovarianceTracker(pl.Callback):
         shape = input_shape_of(datamodule)
         self.batches = self.updates = 0  # a new fit starts afresh; a checkpoint's state is loaded after setup
         if self.fixed_path is not None:
-            self.estimate = load_covariance(self.fixed_path, self.representation, shape)
+            self.estimate = load_covariance(self.fixed_path, self.representation, shape, psd=self.psd)
         else:
-            self.estimate = make_covariance(self.representation, shape)
+            self.estimate = make_covariance(self.representation, shape, psd=self.psd)
         if self.scale == "data":
             self.target = torch.tensor(data_mean_variance(datamodule, self.DATA_EXAMPLES), dtype=torch.float32)
         elif self.scale == "unit":
@@ -172,11 +181,21 @@ class CovarianceTracker(pl.Callback):
         if self.due():
             self.observe(self.perturbations(trainer, pl_module, outputs, batch))
         if trainer.is_global_zero and self.batches % self.log_every_n_steps == 0:
-            log_covariance(trainer, self.covariance, trainer.global_step)
+            self._log(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.covariance is not None:
-            log_covariance(trainer, self.covariance, trainer.global_step)
+            self._log(trainer)
+
+    def _log(self, trainer) -> None:
+        """Write Sigma's summaries; warn once when keeping it positive semi-definite moved it far."""
+        change = log_covariance(trainer, self.covariance, trainer.global_step)["covariance/psd_change"]
+        if change > LARGE_PSD_CHANGE and not self._warned:
+            self._warned = True
+            advice = ("these perturbations are far from stationary: representation full estimates them without "
+                      "that approximation" if self.representation == "stationary" else "check the fixed Sigma")
+            rank_zero_warn(f"CovarianceTracker: keeping Sigma positive semi-definite moved it by {change:.0%} "
+                           f"(relative Frobenius norm, logged as covariance/psd_change); {advice}")
 
     def observe(self, xi: Tensor) -> None:
         """One update from this rank's perturbations xi (B, *shape): batch sums, summed over DDP ranks, then the

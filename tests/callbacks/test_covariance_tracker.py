@@ -174,6 +174,21 @@ def test_update_every_freeze_and_fixed_sigma(tmp_path):
     assert fixed.updates == 0 and torch.equal(fixed.covariance.to_dense(), before)
 
 
+def test_the_sigma_sgr_reads_is_projected_unless_psd_is_off(tmp_path):
+    """The digits' own covariance as a stationary fixed Sigma is indefinite; the tracker hands SGR its projection."""
+    dm = Digits()
+    dm.setup("fit")
+    torch.save(torch.cov(dm.train_set.x.double().flatten(1).T / 255), tmp_path / "digits.pt")
+    smallest = {}
+    for psd in ("project", "none"):
+        tracker = CovarianceTracker(source="defense", fixed_path=str(tmp_path / "digits.pt"), scale="unit", psd=psd)
+        tracker.setup(stub_trainer(dm), Standard(network=DigitsMLP(), eps=0.1), "fit")
+        values = torch.linalg.eigvalsh(tracker.covariance.to_dense().double())
+        smallest[psd] = float(values.min() / values.max())
+        assert (float(tracker.covariance.psd_change()) > 0) == (psd == "project")
+    assert smallest["none"] < -0.01 and smallest["project"] >= -1e-6
+
+
 @pytest.mark.parametrize("representation", ["stationary", "full"])
 def test_updates_and_sigma_g_make_no_host_sync(counter, representation):
     """What runs every training step (crafting, statistics, EMA, rescaling, the kernel, Sigma g) reads nothing back."""
@@ -200,6 +215,8 @@ def test_bad_settings_give_one_line_errors():
         CovarianceTracker(beta=0)
     with pytest.raises(ValueError, match="update_every"):
         CovarianceTracker(update_every=0)
+    with pytest.raises(ValueError, match="psd must be one of project, none"):
+        CovarianceTracker(psd="clip")
     network, x, wrong, _ = wrongly_labelled_batch()
     with pytest.raises(ValueError, match="choose source"):
         CovarianceTracker(source="defense").perturbations(stub_trainer(), Standard(network=network), {"x": x},
@@ -214,7 +231,7 @@ def test_tensorboard_gets_decay_lengths_the_functions_plot_and_the_matrix(tmp_pa
     fit_pgdat([tracker], batches=4, logger=logger, log_every_n_steps=2)
     events = EventAccumulator(str(Path(logger.log_dir)), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()
-    assert "covariance/decay_length_00" in tags["scalars"]
+    assert {"covariance/decay_length_00", "covariance/psd_change"} <= set(tags["scalars"])
     assert {"covariance/functions", "covariance/matrix"} <= set(tags["images"])
     lengths = [e.value for e in events.Scalars("covariance/decay_length_00")]
     assert len(lengths) == 3  # steps 2 and 4, and the epoch's end
@@ -224,14 +241,28 @@ def test_tensorboard_gets_decay_lengths_the_functions_plot_and_the_matrix(tmp_pa
     assert (image.width, image.height) == (64, 64)
 
 
-def test_resume_after_sigkill_is_bitwise_equal_sigma_included(tmp_path):
+def test_a_large_psd_projection_is_logged_and_warned_about_once(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
+    tracker = CovarianceTracker(source={"attack": "pgd", "steps": 2}, representation="stationary", log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="positive semi-definite moved it by .*representation full") as caught:
+        fit_pgdat([tracker], batches=3, logger=logger, log_every_n_steps=1)
+    assert sum("positive semi-definite" in str(w.message) for w in caught) == 1
+    assert float(tracker.covariance.psd_change()) > 0.1  # PGD perturbations of digits: far from stationary
+
+
+def test_resume_after_sigkill_is_bitwise_equal_sigma_and_its_projection_included(tmp_path):
+    """SGR with a stationary Sigma of PGD perturbations: an estimate that the PSD projection moves (logged), so the
+    weights match only if the resumed run projects exactly as the straight one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     overrides = tmp_path / "tracker.yaml"
     overrides.write_text(
         "trainer:\n  max_epochs: 3\n  limit_train_batches: 4\n  limit_val_batches: 1\n  callbacks:\n"
         "    - class_path: advtrain.callbacks.CovarianceTracker\n"
-        "      init_args: {source: {attack: pgd, steps: 2}, representation: stationary, update_every: 2}\n"
-        "model:\n  init_args:\n    attack: {steps: 2}\n")
-    cfg = config("demo/pgd_at.yaml")
+        "      init_args: {source: {attack: pgd, steps: 2}, representation: stationary, update_every: 2,\n"
+        "                  log_every_n_steps: 2}\n"
+        "model:\n  init_args:\n    val_attack: {attack: pgd, steps: 2}\n")
+    cfg = config("demo/sgr.yaml")
     fast = ["--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", 2]
     a, b, _ = straight_and_resumed(["-c", cfg, "-c", overrides, *fast], 6, tmp_path)
     assert a["global_step"] == b["global_step"] == 12
@@ -243,6 +274,8 @@ def test_resume_after_sigkill_is_bitwise_equal_sigma_included(tmp_path):
     for key in ("values", "mean"):
         assert torch.equal(sa["estimate"][key], sb["estimate"][key]), key
     assert not torch.equal(sa["estimate"]["values"], StationaryCovariance((1, 8, 8)).values)  # it did move
+    events = EventAccumulator(str(tmp_path / "runs" / "straight" / "version_0")).Reload()
+    assert max(e.value for e in events.Scalars("covariance/psd_change")) > 0.01  # and SGR used its projection
 
 
 class GlobalBatchReference(pl.Callback):

@@ -68,6 +68,8 @@ Deviations from the official protocol, and how the components are driven:
 * Each call attacks the batch it is given in one piece (the official code splits into ``bs=250``);
   the caller batches. torchattacks' loops sync with the host (``.item()``, NumPy): this is an
   evaluation attack, not a training-loop one.
+* Square's window is capped at the short side of a non-square image (the official code crashes there, and
+  torchattacks places windows at negative offsets); square images are not affected.
 * ``standard`` needs image batches (N, C, H, W): Square samples square windows. ``rand`` (APGD only)
   also takes other shapes, e.g. waveforms (N, 1, L), viewed as (N, 1, 1, D) for torchattacks.
 """
@@ -100,14 +102,17 @@ from .autoattack_components import (
     _seed_rngs,
     _torchattacks_version,
     _warn_if_randomized,
+    _zero_gradient_points,
     build_stages,
 )
 from .budget import check_steps, parse_budget
 from .core import check_inputs
+from .diagnostics import hand_in
 
 AUTOATTACK_VERSION = ("advtrain AutoAttack composition of torchattacks 3.5.1 components, "
                       "settings of fra31/auto-attack standard/rand")
 STAGES = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apgd-ce", "apgd-dlr")}
+DLR_STAGES = ("apgd-t", "apgd-dlr")  # where the official code checks for zero gradients
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, norm: str = "Linf",
@@ -184,6 +189,9 @@ class _Run:
         entry = {"name": name, "component": f"torchattacks.{type(attack).__name__}", "settings": settings,
                  "driver": "attack_single_run, every still-robust point" if self.randomized else "forward",
                  "attacked": int(idx.numel())}
+        if name in DLR_STAGES:
+            entry["zero_gradient"] = 0 if idx.numel() == 0 else _zero_gradient_points(
+                name, attack, self.target, self.inputs[idx], self.y[idx], settings["eot_iter"])
         if idx.numel() > 0:
             attack.set_device(self.inputs.device)
             if self.randomized:
@@ -232,7 +240,8 @@ def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, 
     last stage), ``seconds`` and ``attacks``: per stage ``name``, ``component``, ``settings`` (every
     argument given to the torchattacks constructor, plus ``n_target_classes`` read back from the
     built object), ``driver`` (the torchattacks method called), ``attacked`` (points it ran on),
-    ``robust_after`` and ``seconds``. In rand mode also
+    ``robust_after``, ``seconds`` and, for the DLR stages (APGD-T, APGD-DLR), ``zero_gradient``: the
+    attacked points whose input gradient of the stage's loss is exactly zero. In rand mode also
     ``correct_fraction_clean`` and per stage ``correct_fraction_after``: the mean over examples of
     the fraction of ``check_draws`` passes classified correctly.
     """
@@ -267,6 +276,7 @@ def autoattack_run(model: nn.Module, x: Tensor, y: Tensor, eps: float | str, *, 
                     f"(attacked {entry['attacked']}, {entry['seconds']:.1f} s)")
     report["robust"] = int(run.robust.sum())
     report["seconds"] = round(time.perf_counter() - start, 3)
+    hand_in(report)  # to an evaluation collecting reports (advtrain.attacks.diagnostics)
     # in the input's dtype and memory format (empty_like keeps a channels_last input's)
     return torch.empty_like(x).copy_(run.x_adv.reshape(x.shape)), report
 

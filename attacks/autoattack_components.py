@@ -50,8 +50,9 @@ def build_stages(model: nn.Module, eps: float, *, norm: str = "Linf", version: s
             ("fab-t", torchattacks.FAB, {**common, "steps": ITERATIONS, "n_restarts": 1, "alpha_max": FAB_ALPHA_MAX,
                                          "eta": FAB_ETA, "beta": FAB_BETA, "multi_targeted": True,
                                          "n_classes": targets + 1}),
-            ("square", torchattacks.Square, {**common, "n_queries": SQUARE_QUERIES, "n_restarts": 1,
-                                             "p_init": SQUARE_P_INIT, "loss": "margin", "resc_schedule": False}),
+            ("square", _square_within_image(torchattacks.Square),
+             {**common, "n_queries": SQUARE_QUERIES, "n_restarts": 1, "p_init": SQUARE_P_INIT, "loss": "margin",
+              "resc_schedule": False}),
         ]
     else:
         raise ValueError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
@@ -66,6 +67,29 @@ def build_stages(model: nn.Module, eps: float, *, norm: str = "Linf", version: s
             settings["n_target_classes"] = attack.n_target_classes
         stages.append((name, attack, settings))
     return stages
+
+
+def _square_within_image(square: type) -> type:
+    """torchattacks' Square (the class given, so a test's spy on it still sees the calls) with its window capped
+    at the image's short side. Square's window has side round(sqrt(p H W)) (L2: at least 3, made odd), up to 0.89
+    sqrt(H W) at the first query, longer than the short side of a strongly non-square image, where the official
+    code crashes and torchattacks places windows at negative offsets. Capping p at side^2 / (H W) keeps it inside;
+    square images (p_max >= 1 > p_init) run exactly as before."""
+
+    class Square(square):
+        def forward(self, images, labels):
+            h, w = images.shape[-2:]
+            side = min(h, w)
+            if self.norm == "L2" and side % 2 == 0:  # L2 windows are made odd: side + 1 would not fit
+                side -= 1
+            self.p_max = side**2 / (h * w)
+            return super().forward(images, labels)
+
+        def p_selection(self, it):
+            return min(super().p_selection(it), getattr(self, "p_max", 1.0))
+
+    Square.__name__ = Square.__qualname__ = square.__name__
+    return Square
 
 
 def _apgd_every_point(attack, x: Tensor, y: Tensor, model: nn.Module, draws: int) -> tuple[Tensor, Tensor]:
@@ -137,6 +161,23 @@ def _check_norm(norm: str) -> str:
     if key not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose 'Linf' or 'L2'")
     return _NORMS[key]
+
+
+def _zero_gradient_points(stage: str, attack, model: nn.Module, x: Tensor, y: Tensor, draws: int) -> int:
+    """The official ``checks.check_zero_gradients`` count for a DLR stage: points whose input gradient of the
+    stage's own torchattacks loss, averaged over ``draws`` passes (its ``eot_iter``), is exactly zero. APGD-T's
+    loss is targeted at its first target, the most likely other class; the official check looks at the random
+    start, this one at the clean input (the start is drawn inside torchattacks)."""
+    x = x.detach().clone().requires_grad_(True)
+    gradient = torch.zeros_like(x)
+    for _ in range(draws):
+        logits = model(x)
+        if stage == "apgd-t":
+            loss = attack.dlr_loss_targeted(logits, y, logits.sort(dim=1)[1][:, -2])
+        else:
+            loss = attack.dlr_loss(logits, y)
+        gradient += torch.autograd.grad(loss.sum(), x)[0]
+    return int((gradient.flatten(1).abs().sum(1) == 0).sum())
 
 
 def _correct_fraction(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:

@@ -38,7 +38,7 @@ from advtrain.evaluation import (
     with_version,
     write_results,
 )
-from advtrain.evaluation.engine import metric_keys
+from advtrain.evaluation.autoattack_checks import suite_probe
 from advtrain.evaluation.precision import check_precision, evaluation_precision
 from advtrain.networks.randomness import declares_randomness
 
@@ -176,14 +176,13 @@ class RobustnessEvaluation(pl.Callback):
                 evaluation_precision(pl_module.device, self.precision):
             plan = self._plan(trainer, pl_module, dataset, out_dir)
             self._attack(trainer, pl_module, dataset, plan)
-            tally = Tally(len(dataset), len(plan.runs), plan.draws, metric_keys(plan.runs))
+            tally = Tally.for_runs(len(dataset), plan.runs, plan.draws)
             for batch_idx in plan.own:
                 tally.add(plan.batches[batch_idx], plan.cache.load(batch_idx))
         device = pl_module.device
         tally.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
-        self.results = self._identified(summarize(plan.runs, tally, plan.randomized, self.sanity_checks,
-                                                  self.precision),
-                                        trainer, pl_module, plan)
+        summary = summarize(plan.runs, tally, plan.randomized, self.sanity_checks, self.precision, plan.probe)
+        self.results = self._identified(summary, trainer, pl_module, plan)
         self._report(trainer, out_dir, Path(self.results.checkpoint).stem if self.results.checkpoint else None)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -198,18 +197,19 @@ class RobustnessEvaluation(pl.Callback):
         batches = list(BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False))
         surrogates = [(path, load_network(network, path).to(pl_module.device)) for path in self.surrogates]
         # every rank probes batch 0 itself, so all take the same decision without communicating
-        probe_x, _ = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
+        probe_x, probe_y = self._inputs(trainer, pl_module, next(iter(self._loader(trainer, dataset, batches[:1]))))
         randomized = is_randomized(network, probe_x)
         draws = self.draws if randomized else 1
         theta_one = randomized and self.sanity_checks and declares_randomness(network)
         runs = plan_runs(self.settings, network, surrogates, theta_one, self.sanity_settings)
         runs = [run._replace(setting=with_version(run.setting, randomized)) for run in runs]
+        probe = suite_probe(runs, network, probe_x, probe_y, self.seed) if self.sanity_checks else None
         digest = model_hash(network)
         cache = BatchCache(out_dir / f"{self.filename}_batches",
                            fingerprint(self.settings + self.sanity_settings, self.surrogates, self.seed,
                                        self.split, n, batch_size, draws, digest, self.precision))
         return _Plan(batches, runs, randomized, draws, digest, cache,
-                     own_batches(len(batches), trainer.global_rank, trainer.world_size))
+                     own_batches(len(batches), trainer.global_rank, trainer.world_size), probe)
 
     def _attack(self, trainer, pl_module, dataset, plan: _Plan) -> None:
         """Attack this rank's batches that the cache lacks, saving each; stop (and requeue) on a stop signal."""
@@ -285,6 +285,7 @@ class _Plan(NamedTuple):
     digest: str
     cache: BatchCache
     own: list[int]
+    probe: dict | None  # the official AutoAttack model checks' measurements
 
 
 def _setting(entry: dict | AttackSetting) -> AttackSetting:

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from advtrain.attacks import AttackSetting, seeded_generator, stream_seed
+from advtrain.attacks.diagnostics import collecting_reports
 from advtrain.attacks.metrics import METRICS
 
+from .autoattack_checks import batch_counts, diagnostic_keys, is_autoattack
 from .threat import craft
 
 NETWORK_STREAM = -1  # the stream index of a randomized network's own draws (attack runs are 0, 1, ...)
@@ -97,14 +99,17 @@ def evaluate_batch(network: nn.Module, runs: list[Run], x: Tensor, y: Tensor, ba
 
 def _evaluate_batch(network, runs, x, y, batch_idx, draws, seed, bounds, on_run) -> dict:
     clean_ok = correct(network, x, y, draws)
-    robust, seconds, metrics = [], [], {}
+    robust, seconds, metrics, diagnostics = [], [], {}, {}
     for i, run in enumerate(runs):
         setting = run.setting
         if on_run is not None:
             on_run(i)
         t0 = time.perf_counter()
         generator = seeded_generator(x.device, seed, i, batch_idx)
-        x_adv = craft(setting, run.source, x, y, generator, bounds)
+        with collecting_reports() as reports:  # AutoAttack's per-stage counts, for its official checks
+            x_adv = craft(setting, run.source, x, y, generator, bounds)
+        if is_autoattack(run):
+            diagnostics.update(batch_counts(i, run, reports))
         adv_ok = correct(network, x_adv, y, draws)
         robust.append(adv_ok if draws > 1 else clean_ok & adv_ok)
         for name in setting.spec.metrics:
@@ -114,7 +119,7 @@ def _evaluate_batch(network, runs, x, y, batch_idx, draws, seed, bounds, on_run)
     robust = torch.stack(robust) if robust else torch.zeros(0, draws, len(y), dtype=torch.bool, device=x.device)
     return {"clean": clean_ok.sum(0).cpu(), "robust": robust.sum(1).cpu(),
             "clean_per_draw": clean_ok.sum(1).cpu(), "robust_per_draw": robust.sum(2).cpu(),
-            "seconds": torch.tensor(seconds, dtype=torch.float64), "metrics": metrics}
+            "seconds": torch.tensor(seconds, dtype=torch.float64), "metrics": metrics, "diagnostics": diagnostics}
 
 
 def _whole_batch(batch):
@@ -139,10 +144,13 @@ def own_batches(n_batches: int, rank: int, world: int) -> list[int]:
 def fingerprint(settings: list[AttackSetting], surrogates: list[str], seed: int, split: str, n: int,
                 batch_size: int, draws: int, model: str, precision: str = "32") -> str:
     """What the saved batches depend on: a rerun with anything else changed starts afresh (a bf16 evaluation is
-    never completed by a float32 one; float32 keeps the fingerprints it had before precision was an option)."""
+    never completed by a float32 one; float32 keeps the fingerprints it had before precision was an option, and
+    a suite without AutoAttack those it had before AutoAttack's batches saved its stage counts)."""
+    counted = any(s.attack == "autoattack" for s in settings)
     key = json.dumps({"settings": [s.as_dict() for s in settings], "surrogates": surrogates, "seed": seed,
                       "split": split, "n": n, "batch_size": batch_size, "draws": draws, "model": model,
-                      **({"precision": precision} if precision != "32" else {})}, sort_keys=True)
+                      **({"precision": precision} if precision != "32" else {}),
+                      **({"autoattack_counts": 1} if counted else {})}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -182,6 +190,7 @@ class Tally:
     runs: int
     draws: int
     metric_keys: list[tuple[int, str]] = field(default_factory=list)
+    diagnostic_keys: list[tuple[int, str, int]] = field(default_factory=list)
 
     def __post_init__(self):
         self.clean = torch.zeros(self.n, dtype=torch.int64)
@@ -190,6 +199,14 @@ class Tally:
         self.robust_per_draw = torch.zeros(self.runs, self.draws, dtype=torch.int64)
         self.seconds = torch.zeros(self.runs, dtype=torch.float64)
         self.metrics = {key: torch.zeros(self.n, dtype=torch.float64) for key in self.metric_keys}
+        # counts summed over batches (AutoAttack's stages): (run, name) -> (length,)
+        self.diagnostics = {(i, name): torch.zeros(length, dtype=torch.int64)
+                            for i, name, length in self.diagnostic_keys}
+
+    @classmethod
+    def for_runs(cls, n: int, runs: list[Run], draws: int) -> Tally:
+        """Totals for ``runs`` over ``n`` examples: their metrics and AutoAttack's stage counts included."""
+        return cls(n, len(runs), draws, metric_keys(runs), diagnostic_keys(runs))
 
     def add(self, index: list[int], result: dict) -> None:
         self.clean[index] = result["clean"]
@@ -199,9 +216,12 @@ class Tally:
         self.seconds += result["seconds"]
         for i, name in self.metric_keys:
             self.metrics[i, name][index] = result["metrics"][f"{i}:{name}"]
+        for i, name in self.diagnostics:
+            self.diagnostics[i, name] += result["diagnostics"][f"{i}:{name}"]
 
     def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum every total across processes (each example belongs to one process; the others hold zeros)."""
         for name in ("clean", "robust", "clean_per_draw", "robust_per_draw", "seconds"):
             setattr(self, name, reduce(getattr(self, name)))
         self.metrics = {key: reduce(values) for key, values in self.metrics.items()}
+        self.diagnostics = {key: reduce(values) for key, values in self.diagnostics.items()}

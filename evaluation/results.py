@@ -62,7 +62,9 @@ class SettingResult:
     """One attacked setting: the setting as recorded (``AttackSetting.as_dict()``), its accuracy, what it cost.
 
     Transfer rows carry the white-box accuracy of the same setting (``white_box_accuracy``) and name their
-    source in ``setting["surrogate"]``. ``robust_fraction`` (per example, the fraction of draws it survived) is
+    source in ``setting["surrogate"]``. AutoAttack rows carry ``autoattack``: the points correct at its clean check,
+    robust after each stage, and with zero gradient at its DLR stage (its official checks read them).
+    ``robust_fraction`` (per example, the fraction of draws it survived) is
     kept in memory for the sanity checks' paired noise and is not written.
     """
 
@@ -74,6 +76,7 @@ class SettingResult:
     metrics: dict[str, float] | None = None
     single_draw_gradient: bool | None = None
     white_box_accuracy: float | None = None
+    autoattack: dict | None = None
     robust_fraction: list[float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -101,19 +104,22 @@ class SettingResult:
             entry["single_draw_gradient"] = self.single_draw_gradient
         if self.white_box_accuracy is not None:
             entry["white_box_accuracy"] = self.white_box_accuracy
+        if self.autoattack is not None:
+            entry["autoattack"] = self.autoattack
         return entry
 
     @classmethod
     def from_dict(cls, d: dict, role: str = "suite") -> SettingResult:
         own = {"name", "correct", "n", "accuracy", "accuracy_std", "accuracy_worst", "seconds",
-               "single_draw_gradient", "white_box_accuracy", "robust_fraction"}
+               "single_draw_gradient", "white_box_accuracy", "robust_fraction", "autoattack"}
         setting = {k: v for k, v in d.items() if k not in own}
         metrics = setting.pop("metrics", None)
         return cls(setting=setting, name=str(d["name"]), score=Accuracy.from_dict(d),
                    seconds=float(d.get("seconds", 0.0)), role=role,
                    metrics=metrics if isinstance(metrics, dict) else None,
                    single_draw_gradient=d.get("single_draw_gradient"),
-                   white_box_accuracy=d.get("white_box_accuracy"), robust_fraction=d.get("robust_fraction"))
+                   white_box_accuracy=d.get("white_box_accuracy"), autoattack=d.get("autoattack"),
+                   robust_fraction=d.get("robust_fraction"))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Cheap sanity checks of an evaluation (Carlini et al., "On Evaluating Adversarial Robustness", 2019).
 
-Each check is one function in :data:`CHECKS`: it reads what the evaluation measured (:class:`Measured`) and returns
+Each check is one function in :data:`CHECKS` (the official AutoAttack's own checks among them:
+:mod:`.autoattack_checks`): it reads what the evaluation measured (:class:`Measured`) and returns
 its verdicts; a failed check names the likely cause. None of them proves robustness; each failure is a sign that a
 number is not trustworthy. Adding a check is one function and one entry in the table.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from advtrain.attacks import ATTACKS
 
+from . import autoattack_checks
 from .results import SettingResult, Verdict
 
 LARGE_EPS = 0.5  # in [0, 1] images: any image can be turned into mid-grey, so accuracy should be ~0
@@ -31,6 +33,7 @@ class Measured:
         large_eps: accuracy under PGD at eps = 0.5 of the input range (None: not measured).
         tolerance: slack for sampling noise (randomized models) and random starts.
         transfer: the transfer rows (each with its ``white_box_accuracy``).
+        autoattack: the official AutoAttack model checks' measurements (None: no AutoAttack in the suite).
     """
 
     clean: float
@@ -39,6 +42,7 @@ class Measured:
     large_eps: float | None = None
     tolerance: float = 0.005
     transfer: list[SettingResult] = field(default_factory=list)
+    autoattack: dict | None = None
 
     @property
     def budgeted(self) -> list[SettingResult]:
@@ -158,11 +162,12 @@ def transfer_not_stronger(m: Measured) -> list[Verdict]:
 
 CHECKS: tuple[Callable[[Measured], list[Verdict]], ...] = (
     eps0_equals_clean, large_eps_near_zero, monotone_in_eps, iterative_beats_single_step, more_iterations_not_weaker,
-    transfer_not_stronger)
+    transfer_not_stronger, *autoattack_checks.CHECKS)
 
 
 def sanity_verdicts(clean: float, attacks: list[SettingResult], eps_zero: float | None, large_eps: float | None,
-                    tolerance: float = 0.005, transfer: list[SettingResult] | None = None) -> list[Verdict]:
+                    tolerance: float = 0.005, transfer: list[SettingResult] | None = None,
+                    autoattack: dict | None = None) -> list[Verdict]:
     """Every check of :data:`CHECKS` on what one evaluation measured (see :class:`Measured`)."""
-    measured = Measured(clean, attacks, eps_zero, large_eps, tolerance, list(transfer or []))
+    measured = Measured(clean, attacks, eps_zero, large_eps, tolerance, list(transfer or []), autoattack)
     return [verdict for check in CHECKS for verdict in check(measured)]

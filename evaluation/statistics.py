@@ -7,6 +7,7 @@ import math
 
 from advtrain.attacks.metrics import METRICS
 
+from .autoattack_checks import is_autoattack, stage_summary
 from .engine import Run, Tally
 from .results import Accuracy, EvaluationResults, SettingResult
 from .sanity import sanity_verdicts
@@ -19,11 +20,13 @@ def setting_result(run: Run, index: int, tally: Tally, randomized: bool, precisi
     if run.transfer is not None:
         setting["surrogate"] = run.transfer.source
     metrics = {m: METRICS[m].summarize(tally.metrics[index, m]) for m in run.setting.spec.metrics}
+    counts = {name: values for (i, name), values in tally.diagnostics.items() if i == index}
     return SettingResult(
         setting=setting, name=run.setting.name,
         score=Accuracy.of(tally.robust[index], tally.robust_per_draw[index], tally.draws),
         seconds=round(float(tally.seconds[index]), 3), role=run.role, metrics=metrics or None,
         single_draw_gradient=(setting["eot_samples"] == 1 and not setting["omniscient"]) if randomized else None,
+        autoattack=stage_summary(run, counts) if is_autoattack(run) else None,
         robust_fraction=(tally.robust[index].double() / tally.draws).tolist())
 
 
@@ -36,9 +39,10 @@ def randomized_note(draws: int, attacks: list[SettingResult]) -> str:
 
 
 def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bool,
-              precision: str = "32") -> EvaluationResults:
+              precision: str = "32", autoattack_probe: dict | None = None) -> EvaluationResults:
     """The results' measured part: clean accuracy, every run by its role, the sanity verdicts and the per-example
-    outcomes (and a note for a randomized network). The caller adds what identifies the run."""
+    outcomes (and a note for a randomized network). The caller adds what identifies the run.
+    ``autoattack_probe``: the official AutoAttack model checks' measurements (:func:`.autoattack_checks.probe`)."""
     draws = tally.draws
     entries = [setting_result(run, i, tally, randomized, precision) for i, run in enumerate(runs)]
     by_role = {role: [e for e in entries if e.role == role] for role in ("suite", "transfer", "sanity")}
@@ -52,7 +56,7 @@ def summarize(runs: list[Run], tally: Tally, randomized: bool, sanity_checks: bo
         noise = 2 * math.sqrt(0.25 / max(tally.n * draws, 1)) if randomized else 0.0
         eps_zero, large_eps = (r.accuracy for r in sanity_runs)
         verdicts = sanity_verdicts(clean.accuracy, attacks, eps_zero, large_eps, tolerance=0.005 + noise,
-                                   transfer=transfer)
+                                   transfer=transfer, autoattack=autoattack_probe)
     suite_index = [i for i, run in enumerate(runs) if run.role == "suite"]
     per_example_metrics = {entries[i].name: {m: tally.metrics[i, m].tolist() for m in runs[i].setting.spec.metrics}
                            for i in suite_index if runs[i].setting.spec.metrics}

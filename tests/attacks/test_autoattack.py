@@ -329,3 +329,46 @@ def test_torchattacks_autoattack_is_not_the_official_protocol(robust_mlp):
     assert apgd.steps == apgdt.steps == fab.steps == 10
     assert apgdt.n_target_classes == fab.n_target_classes == 99
     assert square.rescale_schedule is True
+
+
+class _Quantized(nn.Module):
+    """An MLP on 8-bit-rounded inputs: no input gradient, so only Square can move a point."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.mlp(torch.round(x * 255) / 255)
+
+
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 1.0)])
+def test_square_windows_stay_inside_a_non_square_image(digits_tensors, monkeypatch, norm, eps):
+    """8 x 32 images: Square's first windows (side 0.89 sqrt(256) = 14) would not fit the 8 rows. Capped, every
+    window starts inside the image; the examples stay in budget."""
+    _, _, x_test, _ = digits_tensors
+    x = x_test[:64].repeat(1, 1, 1, 4)  # (N, 1, 8, 32)
+    model = _Quantized(256).eval()
+    y = model(x).argmax(1)  # every point starts correct, so Square runs on the points the others leave
+    offsets = []
+    original = torchattacks.Square.random_int
+
+    def recorded(self, low=0, high=1, shape=[1]):  # noqa: B006 (torchattacks' signature)
+        offsets.append(high)  # high = side - window: negative when the window does not fit
+        return original(self, low, high, shape)
+
+    monkeypatch.setattr(torchattacks.Square, "random_int", recorded)
+    x_adv, report = autoattack_run(model, x, y, eps, norm=norm, seed=0)
+    square = report["attacks"][-1]
+    assert square["name"] == "square" and square["attacked"] > 0 and square["component"] == "torchattacks.Square"
+    assert offsets and min(offsets) >= 0
+    size = (x_adv - x).flatten(1).abs().amax(1) if norm == "Linf" else (x_adv - x).flatten(1).norm(dim=1)
+    assert size.max() <= eps + 1e-5
+
+
+def test_square_on_square_images_keeps_its_schedule():
+    square = build_stages(nn.Linear(1, 10), 0.1)[-1][1]
+    square.p_max = 8**2 / (8 * 8)  # what forward sets for 8 x 8 images
+    plain = torchattacks.Square(nn.Linear(1, 10), eps=0.1, p_init=0.8, resc_schedule=False)
+    assert [square.p_selection(i) for i in range(0, 5001, 7)] == [plain.p_selection(i) for i in range(0, 5001, 7)]

@@ -136,6 +136,42 @@ def test_evaluation_runs_in_float32_whatever_the_trainer_precision_and_bf16_only
     assert "not float32" in evaluation.results.path.with_suffix(".md").read_text()
 
 
+class BackendRecorder(Net):
+    """Records cuDNN's and CUDA matmul's flags whenever an attack takes a gradient through the network (the test
+    loop's own forward passes run without gradients, under the trainer's flags)."""
+
+    seen: set = set()
+
+    def forward(self, x):
+        cudnn = torch.backends.cudnn
+        if torch.is_grad_enabled():
+            BackendRecorder.seen.add((cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
+                                      torch.backends.cuda.matmul.allow_tf32))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_evaluation_uses_deterministic_cudnn_and_no_tf32_and_restores_the_trainers_flags(tmp_path, trained_net,
+                                                                                         precision):
+    """gpu.yaml and ddp.yaml set benchmark: true, and cuDNN's autotuning may pick other algorithms in each DDP
+    process; cuDNN's convolutions also use TF32 by default, which is not float32. On the CPU the flags are only
+    flags, so they are what this test reads."""
+    network = BackendRecorder()
+    network.load_state_dict(trained_net)
+    BackendRecorder.seen = set()
+    evaluation = RobustnessEvaluation(attacks=SUITE[1:], limit=20, precision=precision, sanity_checks=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False,
+                         default_root_dir=tmp_path, callbacks=[evaluation], benchmark=True)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+              torch.backends.cuda.matmul.allow_tf32)
+    trainer.test(Standard(network=network, eps=0.1), datamodule=Digits(), verbose=False)
+    tf32 = before[2:] if precision == "bf16-mixed" else (False, False)
+    assert BackendRecorder.seen == {(False, True, *tf32)}
+    assert before[0] is True  # Trainer(benchmark=True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_the_precision_is_part_of_the_cache_fingerprint():
     from advtrain.attacks import AttackSetting
     from advtrain.evaluation import fingerprint

@@ -112,14 +112,18 @@ def probe(network: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict:
     network's draws are seeded and leave the caller's generators where they were."""
     x, y = x[:PROBE_EXAMPLES], y[:PROBE_EXAMPLES]
     cuda = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
-        torch.manual_seed(stream_seed(seed, PROBE_STREAM, 0))
-        outputs = [network(x).float() for _ in range(RANDOMIZED_PASSES)]
+    with torch.random.fork_rng(devices=cuda):
+        probe_seed = stream_seed(seed, PROBE_STREAM, 0)
+        torch.random.default_generator.manual_seed(probe_seed)
+        for device in cuda:  # this device only: fork_rng restores no other
+            torch.cuda.default_generators[device.index or 0].manual_seed(probe_seed)
+        with torch.no_grad():
+            outputs = [network(x).float() for _ in range(RANDOMIZED_PASSES)]
+        with torch.enable_grad():  # as the official check calls the model: a defense may take gradients
+            calls = _calls_during(network, x)
     unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outputs]
     difference = max(float((a - b).norm(dim=1).max()) for a, b in itertools.combinations(unit, 2))
     logits = outputs[0]
-    with torch.enable_grad():
-        calls = _calls_during(network, x)
     return {"examples": len(x), "correct_per_pass": [int((o.argmax(1) == y).sum()) for o in outputs],
             "max_output_difference": difference, "output_min": float(logits.min()),
             "output_max": float(logits.max()), "row_sum_max_error": float((logits.sum(1) - 1).abs().max()),

@@ -90,13 +90,14 @@ def test_two_nodes_under_srun_train_resume_a_preemption_bitwise_and_test_like_on
 
 
 def test_ddp_evaluation_of_the_table_attacks_equals_one_process(tmp_path):
-    """Budget-free DeepFool with its per-example sizes, worst-of-k noise and the multi-targeted attack, sharded
-    over 2 processes: counts and sizes equal a one-process evaluation example for example."""
+    """Budget-free DeepFool with its per-example sizes, worst-of-k noise, the multi-targeted attack and AutoAttack,
+    sharded over 2 processes: counts, sizes and AutoAttack's stage counts equal a one-process evaluation."""
     cfg = config("demo/standard.yaml")
     advtrain("fit", "-c", cfg, "--trainer.max_epochs", 1, *FAST, cwd=tmp_path)
     ckpt = tmp_path / "runs" / "demo" / "standard" / "version_0" / "checkpoints" / "last.ckpt"
     suite = json.dumps([{"attack": "deepfool"}, {"attack": "lrc", "eps": 0.1, "zeta": 2, "samples": 3},
-                        {"attack": "pgd_targeted", "eps": 0.1, "steps": 3, "target": "all"}])
+                        {"attack": "pgd_targeted", "eps": 0.1, "steps": 3, "target": "all"},
+                        {"attack": "autoattack", "eps": 0.3}])  # large: APGD-CE breaks every point, fast
     common = ["--ckpt_path", ckpt, "--evaluation.attacks", suite, "--evaluation.limit", 100,
               "--evaluation.batch_size", 25, "--evaluation.sanity_checks", "false", *FAST]
     advtrain("test", "-c", cfg, *DDP, *common, "--evaluation.filename", "ddp", cwd=tmp_path)
@@ -112,3 +113,6 @@ def test_ddp_evaluation_of_the_table_attacks_equals_one_process(tmp_path):
             assert ddp["per_example_metrics"][name][metric] == pytest.approx(values, rel=1e-4, abs=1e-6)
     assert ddp["attacks"][0]["metrics"] == pytest.approx(single["attacks"][0]["metrics"], rel=1e-4)
     assert min(single["per_example_metrics"]["deepfool-50"]["rho"]) > 0  # every example was attacked once
+    # AutoAttack's per-stage counts (what its official checks read), summed over batches and ranks
+    (aa_ddp,), (aa_single,) = ([a for a in r["attacks"] if a["attack"] == "autoattack"] for r in (ddp, single))
+    assert aa_ddp["autoattack"] == aa_single["autoattack"] and aa_single["autoattack"]["clean_correct"] > 0

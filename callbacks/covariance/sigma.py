@@ -49,6 +49,7 @@ class FullCovariance(Covariance):
         elif tuple(matrix.shape) != (d, d):
             raise ValueError(f"a covariance over inputs {tuple(shape)} is ({d}, {d}), got {tuple(matrix.shape)}")
         super().__init__(shape, matrix, mean)
+        self._psd_change: Tensor | None = None  # set by load_covariance when it projects a file's matrix
 
     @property
     def matrix(self) -> Tensor:
@@ -75,7 +76,7 @@ class FullCovariance(Covariance):
     def psd_change(self) -> Tensor:
         """How far the projection of a matrix read from a file moved it (relative Frobenius norm; see
         :func:`load_covariance`). The EMA of outer products xi xi^T needs none: it is positive semi-definite."""
-        return getattr(self, "_psd_change", self.values.new_zeros(()))
+        return self.values.new_zeros(()) if self._psd_change is None else self._psd_change
 
     def to_dense(self) -> Tensor:
         return self.values.clone()

@@ -50,17 +50,26 @@ def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
                      "use representation 'full'")
 
 
+def _signed_displacements(h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The row and column displacement of each index of the circular 2H x 2W FFT grid: index k stands for k, or
+    k - 2H past the middle (the displacement H is -H)."""
+    dr, dc = torch.arange(2 * h), torch.arange(2 * w)
+    return torch.where(dr < h, dr, dr - 2 * h), torch.where(dc < w, dc, dc - 2 * w)
+
+
+def _grid_radius(h: int, w: int) -> Tensor:
+    """(2H, 2W) int64: round(sqrt(dr^2 + dc^2)) of each displacement of the circular grid. The rounding never
+    meets a tie: dr^2 + dc^2 is an integer."""
+    dr, dc = _signed_displacements(h, w)
+    return (dr[:, None] ** 2 + dc[None, :] ** 2).double().sqrt().round().long()
+
+
 @functools.lru_cache(maxsize=16)
 def _radius_of_displacements(h: int, w: int) -> tuple[Tensor, int]:
-    """(2H, 2W) int64: the radius bin round(sqrt(dr^2 + dc^2)) of each displacement on the circular FFT grid
-    (index k stands for k, or k - 2H past the middle), with bin R (past the last) for the displacements
-    +-H / +-W that no two positions have; and R. The rounding never meets a tie: dr^2 + dc^2 is an integer."""
-    dr = torch.arange(2 * h)
-    dr = torch.where(dr < h, dr, dr - 2 * h)
-    dc = torch.arange(2 * w)
-    dc = torch.where(dc < w, dc, dc - 2 * w)
-    squared = dr[:, None] ** 2 + dc[None, :] ** 2
-    radius = squared.double().sqrt().round().long()
+    """(2H, 2W) int64: the radius bin of each displacement on the circular FFT grid (:func:`_grid_radius`), with
+    bin R (past the last) for the displacements +-H / +-W that no two positions have; and R."""
+    dr, dc = _signed_displacements(h, w)
+    radius = _grid_radius(h, w)
     bins = int(round(((h - 1) ** 2 + (w - 1) ** 2) ** 0.5)) + 1
     invalid = (dr.abs() >= h)[:, None] | (dc.abs() >= w)[None, :]
     return torch.where(invalid, torch.full_like(radius, bins), radius), bins
@@ -70,21 +79,13 @@ def _radius_of_displacements(h: int, w: int) -> tuple[Tensor, int]:
 def _embedding_radius(h: int, w: int) -> Tensor:
     """(2H, 2W) int64: the radius bin of each displacement of the circular grid, the displacements +-H and +-W
     outside the window included, clamped to the last bin."""
-    dr = torch.arange(2 * h)
-    dr = torch.where(dr < h, dr, dr - 2 * h)
-    dc = torch.arange(2 * w)
-    dc = torch.where(dc < w, dc, dc - 2 * w)
-    radius = (dr[:, None] ** 2 + dc[None, :] ** 2).double().sqrt().round().long()
-    return radius.clamp_max(_radius_of_displacements(h, w)[1] - 1)
+    return _grid_radius(h, w).clamp_max(_radius_of_displacements(h, w)[1] - 1)
 
 
 @functools.lru_cache(maxsize=16)
 def _overlap(h: int, w: int) -> Tensor:
     """(2H, 2W) float64: the number of ordered position pairs (p, q) at each displacement of the circular grid."""
-    dr = torch.arange(2 * h)
-    dr = torch.where(dr < h, dr, dr - 2 * h)
-    dc = torch.arange(2 * w)
-    dc = torch.where(dc < w, dc, dc - 2 * w)
+    dr, dc = _signed_displacements(h, w)
     return ((h - dr.abs()).clamp_min(0)[:, None] * (w - dc.abs()).clamp_min(0)[None, :]).double()
 
 
@@ -171,13 +172,12 @@ class StationaryCovariance(Covariance):
         with ``psd="project"`` (:func:`.psd.project_circulant`: bitwise the raw kernel when its embedding is
         positive semi-definite); cached until the values change."""
         if self._spectrum is None:
-            c, h, w = self.image
             grid = self._grid_kernel()
             if self.psd == "project":
-                window = self._cached("window", lambda: _overlap(h, w) > 0)
-                projected = project_circulant(grid)
-                moved = torch.where(window, projected - grid.double(), 0.0)
-                change = self._window_norm(moved) / self._window_norm(grid.double()).clamp_min(1e-300)
+                raw = grid.double()
+                projected = project_circulant(raw)
+                # the window norm weighs each displacement by its position pairs: those outside count 0
+                change = self._window_norm(projected - raw) / self._window_norm(raw).clamp_min(1e-300)
                 self._change = change.to(grid.dtype)
                 grid = projected.to(grid.dtype)  # bitwise the raw kernel when nothing moved
             else:
